@@ -1,0 +1,260 @@
+#include "index/exact_search.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common/aligned.h"
+#include "common/threadpool.h"
+#include "common/topk.h"
+#include "simd/dispatch.h"
+
+namespace pyknn {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Below this many queries per task, packing a block costs more than it saves.
+constexpr size_t kGemmMinQueries = 4;
+// Queries per GEMM call: the score tile (kQueryTile x block) stays in L2 next to the packed block.
+constexpr size_t kQueryTile = 64;
+// Work (multiply-adds) below which waking the pool costs more than it saves.
+constexpr double kMinParallelWork = 1 << 20;
+
+// Vectors per packed block: about 512 KB of panels, a multiple of the panel width.
+size_t block_rows(const simd::Kernels& K, size_t d) {
+  size_t nr = static_cast<size_t>(K.nr);
+  size_t nb = (size_t(1) << 17) / std::max<size_t>(d, 1) / nr * nr;
+  return std::min<size_t>(std::max(nb, nr), 2048);
+}
+
+// The expanded form ||q||^2 + ||x||^2 - 2<q,x> can be off by about gamma * (||q||^2 + ||x||^2)
+// in float32 (Higham's bound for length-d sums, for each of the three terms, plus the final
+// additions). It is only used to discard rows that certainly cannot enter the top k; every
+// survivor is re-scored as a sum of squared differences.
+double l2_error_factor(size_t d) {
+  const double u = std::ldexp(1.0, -24);
+  const double du = std::min(0.5, static_cast<double>(d + 2) * u);
+  const double gamma_d = du / (1.0 - du);
+  return 2.0 * gamma_d + 16.0 * u;
+}
+
+struct Plan {
+  size_t splits_rows;     // S: contiguous row ranges
+  size_t splits_queries;  // C: query chunks per batch
+};
+
+Plan make_plan(size_t n, size_t nqb, size_t d, size_t nb) {
+  const double work = static_cast<double>(n) * d * nqb;
+  size_t threads = static_cast<size_t>(num_threads());
+  if (work < kMinParallelWork) threads = 1;
+  const size_t nblocks = (n + nb - 1) / nb;
+  Plan p;
+  p.splits_rows = std::max<size_t>(1, std::min(threads, nblocks));
+  p.splits_queries = std::min(nqb, (threads + p.splits_rows - 1) / p.splits_rows);
+  p.splits_queries = std::max<size_t>(1, p.splits_queries);
+  return p;
+}
+
+struct Batch {
+  const ExactSearchInput* in;
+  const simd::Kernels* K;
+  const float* q;       // queries of this batch
+  const float* qn;      // their squared norms (L2 only)
+  size_t nqb, k, nb;
+  double gamma;
+  Plan plan;
+  std::vector<float> heap_scores;
+  std::vector<int64_t> heap_rows;
+  std::vector<size_t> heap_sizes;
+
+  TopK heap(size_t split, size_t qi) {
+    size_t slot = split * nqb + qi;
+    TopK h(heap_scores.data() + slot * k, heap_rows.data() + slot * k, k);
+    h.size = heap_sizes[slot];
+    return h;
+  }
+  void save(size_t split, size_t qi, const TopK& h) { heap_sizes[split * nqb + qi] = h.size; }
+
+  void run_task(size_t task);
+  void scan_ip(TopK& h, const float* s, size_t nb, size_t row0, uint32_t* idx) const;
+  void scan_l2(TopK& h, const float* ip, const float* xn, size_t nb, size_t row0, size_t qi,
+               float* t, uint32_t* idx) const;
+};
+
+// Pushes the scores of one query against rows row0.. (already final scores).
+void Batch::scan_ip(TopK& h, const float* s, size_t nb, size_t row0, uint32_t* idx) const {
+  const uint8_t* mask = in->mask;
+  size_t c = K->select_ge(s, nb, h.threshold(), idx);
+  for (size_t j = 0; j < c; ++j) {
+    const size_t row = row0 + idx[j];
+    if (mask && !mask[row]) continue;
+    h.push(s[idx[j]], static_cast<int64_t>(row));
+  }
+}
+
+// L2 from inner products: screens with the expanded form and its error bound, then re-scores the
+// survivors exactly. t is scratch of nb floats.
+void Batch::scan_l2(TopK& h, const float* ip, const float* xn, size_t nb, size_t row0, size_t qi,
+                    float* t, uint32_t* idx) const {
+  const float keep = static_cast<float>(1.0 - gamma);
+  const float slack = static_cast<float>(1.0 + gamma);
+  // Row j can enter only if qn + xn - 2ip - gamma (qn + xn) <= D_k (+ slack), i.e.
+  // 2ip - (1 - gamma) xn >= (1 - gamma) qn - D_k.
+  for (size_t j = 0; j < nb; ++j) t[j] = 2.0f * ip[j] - keep * xn[j];
+  const float qnorm = qn[qi];
+  const float* qv = q + qi * in->d;
+  const uint8_t* mask = in->mask;
+  float bound = keep * qnorm + h.threshold() * slack;
+  size_t c = K->select_ge(t, nb, bound, idx);
+  for (size_t j = 0; j < c; ++j) {
+    const size_t jj = idx[j];
+    if (!(t[jj] >= bound)) continue;  // the bound tightened since the selection
+    const size_t row = row0 + jj;
+    if (mask && !mask[row]) continue;
+    const float dist = K->l2sq(qv, in->x + row * in->d, in->d);
+    h.push(-dist, static_cast<int64_t>(row));
+    bound = keep * qnorm + h.threshold() * slack;
+  }
+}
+
+void Batch::run_task(size_t task) {
+  const size_t S = plan.splits_rows, C = plan.splits_queries;
+  const size_t split = task % S, chunk = task / S;
+  const size_t n = in->n, d = in->d;
+  // Rows of this split, in whole blocks.
+  const size_t nblocks = (n + nb - 1) / nb;
+  const size_t b0 = nblocks * split / S, b1 = nblocks * (split + 1) / S;
+  const size_t r_begin = b0 * nb, r_end = std::min(n, b1 * nb);
+  const size_t q_begin = nqb * chunk / C, q_end = nqb * (chunk + 1) / C;
+  if (r_begin >= r_end || q_begin >= q_end) return;
+  const size_t nbr = (nb + K->nr - 1) / K->nr * K->nr;
+
+  std::vector<uint32_t> idx(nbr);
+  std::vector<float> xn(nbr), t(nbr);
+  std::vector<TopK> heaps;
+  heaps.reserve(q_end - q_begin);
+  for (size_t qi = q_begin; qi < q_end; ++qi) heaps.push_back(heap(split, qi));
+
+  if (q_end - q_begin >= kGemmMinQueries) {
+    AlignedFloats packed(nbr * d);
+    std::vector<float> tile(kQueryTile * nbr);
+    for (size_t r0 = r_begin; r0 < r_end; r0 += nb) {
+      const size_t m = std::min(nb, r_end - r0);
+      const float* xb = in->x + r0 * d;
+      K->pack(xb, m, d, packed.data());
+      if (in->l2) K->norms_sq(xb, m, d, xn.data());
+      for (size_t qt = q_begin; qt < q_end; qt += kQueryTile) {
+        const size_t mq = std::min(kQueryTile, q_end - qt);
+        K->gemm(q + qt * d, d, mq, packed.data(), m, d, tile.data(), nbr);
+        for (size_t i = 0; i < mq; ++i) {
+          TopK& h = heaps[qt + i - q_begin];
+          if (in->l2)
+            scan_l2(h, tile.data() + i * nbr, xn.data(), m, r0, qt + i, t.data(), idx.data());
+          else
+            scan_ip(h, tile.data() + i * nbr, m, r0, idx.data());
+        }
+      }
+    }
+  } else {
+    std::vector<float> s(nb);
+    for (size_t r0 = r_begin; r0 < r_end; r0 += nb) {
+      const size_t m = std::min(nb, r_end - r0);
+      const float* xb = in->x + r0 * d;
+      for (size_t qi = q_begin; qi < q_end; ++qi) {
+        TopK& h = heaps[qi - q_begin];
+        if (in->l2) {
+          K->l2sq_many(q + qi * d, xb, m, d, s.data());
+          for (size_t j = 0; j < m; ++j) s[j] = -s[j];
+        } else {
+          K->dot_many(q + qi * d, xb, m, d, s.data());
+        }
+        scan_ip(h, s.data(), m, r0, idx.data());
+      }
+    }
+  }
+  for (size_t qi = q_begin; qi < q_end; ++qi) save(split, qi, heaps[qi - q_begin]);
+}
+
+void pad(float* scores, int64_t* rows, size_t from, size_t to) {
+  std::fill(scores + from, scores + to, kNegInf);
+  std::fill(rows + from, rows + to, int64_t(-1));
+}
+
+// Few allowed rows: search a compact copy of them instead of scanning everything.
+bool search_compacted(const ExactSearchInput& in, const float* q, size_t nq, size_t k,
+                      float* scores, int64_t* rows) {
+  size_t allowed = 0;
+  for (size_t i = 0; i < in.n; ++i) allowed += in.mask[i] != 0;
+  if (allowed * 4 >= in.n) return false;
+  std::vector<int64_t> keep;
+  keep.reserve(allowed);
+  for (size_t i = 0; i < in.n; ++i)
+    if (in.mask[i]) keep.push_back(static_cast<int64_t>(i));
+  std::vector<float> sub(allowed * in.d);
+  for (size_t i = 0; i < allowed; ++i)
+    std::copy(in.x + keep[i] * in.d, in.x + (keep[i] + 1) * in.d, sub.begin() + i * in.d);
+  ExactSearchInput compact = in;
+  compact.x = sub.data();
+  compact.n = allowed;
+  compact.mask = nullptr;
+  exact_knn(compact, q, nq, k, scores, rows);
+  for (size_t i = 0; i < nq * k; ++i)
+    if (rows[i] >= 0) rows[i] = keep[static_cast<size_t>(rows[i])];
+  return true;
+}
+
+}  // namespace
+
+void exact_knn(const ExactSearchInput& in, const float* q, size_t nq, size_t k, float* scores,
+               int64_t* rows) {
+  if (nq == 0 || k == 0) return;
+  pad(scores, rows, 0, nq * k);
+  if (in.n == 0) return;
+  if (in.mask && search_compacted(in, q, nq, k, scores, rows)) return;
+
+  const simd::Kernels& K = simd::kernels();
+  const size_t d = in.d;
+  const size_t nb = block_rows(K, d);
+  // Queries per batch bound the heap memory (splits x batch x k entries).
+  const size_t qbatch = std::max<size_t>(64, std::min<size_t>(4096, (size_t(1) << 20) / k));
+  std::vector<float> qn;
+
+  for (size_t qb0 = 0; qb0 < nq; qb0 += qbatch) {
+    const size_t nqb = std::min(qbatch, nq - qb0);
+    Batch b;
+    b.in = &in;
+    b.K = &K;
+    b.q = q + qb0 * d;
+    b.nqb = nqb;
+    b.k = k;
+    b.nb = nb;
+    b.gamma = l2_error_factor(d);
+    b.plan = make_plan(in.n, nqb, d, nb);
+    if (in.l2) {
+      qn.resize(nqb);
+      K.norms_sq(b.q, nqb, d, qn.data());
+      b.qn = qn.data();
+    }
+    const size_t S = b.plan.splits_rows;
+    b.heap_scores.resize(S * nqb * k);
+    b.heap_rows.resize(S * nqb * k);
+    b.heap_sizes.assign(S * nqb, 0);
+    parallel_for(S * b.plan.splits_queries, [&](size_t task) { b.run_task(task); });
+
+    // Merge the splits' heaps straight into the output, best first.
+    for (size_t qi = 0; qi < nqb; ++qi) {
+      float* os = scores + (qb0 + qi) * k;
+      int64_t* orow = rows + (qb0 + qi) * k;
+      TopK out(os, orow, k);
+      for (size_t s = 0; s < S; ++s) {
+        TopK h = b.heap(s, qi);
+        for (size_t j = 0; j < h.size; ++j) out.push(h.s[j], h.r[j]);
+      }
+      out.sort_best_first();
+      pad(os, orow, out.size, k);
+    }
+  }
+}
+
+}  // namespace pyknn

@@ -1,0 +1,294 @@
+#include "index/index.h"
+
+#include <cmath>
+#include <cstring>
+#include <mutex>
+#include <unordered_set>
+
+#include "common/errors.h"
+#include "index/flat.h"
+
+namespace pyknn {
+
+Metric parse_metric(const std::string& name) {
+  if (name == "ip" || name == "inner_product" || name == "dot") return Metric::IP;
+  if (name == "l2" || name == "euclidean" || name == "sqeuclidean") return Metric::L2;
+  if (name == "cosine" || name == "cos" || name == "angular") return Metric::Cosine;
+  throw_value("unknown metric '" + name + "' (expected 'ip', 'l2' or 'cosine')");
+}
+
+const char* metric_name(Metric m) {
+  switch (m) {
+    case Metric::IP: return "ip";
+    case Metric::L2: return "l2";
+    case Metric::Cosine: return "cosine";
+  }
+  return "unknown";
+}
+
+void check_finite(const float* x, size_t n, size_t d, const char* what) {
+  for (size_t i = 0; i < n; ++i) {
+    const float* row = x + i * d;
+    // Integer test of the exponent bits: vectorises, unlike std::isfinite in a reduction.
+    uint32_t bad = 0;
+    for (size_t j = 0; j < d; ++j) {
+      uint32_t bits;
+      std::memcpy(&bits, row + j, 4);
+      bad |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+    }
+    if (bad) {
+      size_t j = 0;
+      while (j < d && std::isfinite(row[j])) ++j;
+      throw_value(std::string(what) + " row " + std::to_string(i) + " contains " +
+                  (std::isnan(row[j]) ? "NaN" : "Inf") + " (at column " + std::to_string(j) +
+                  "); nothing was changed");
+    }
+  }
+}
+
+void normalize_rows(const float* x, size_t n, size_t d, float* out, const char* what) {
+  // Check every row first so that a failure leaves `out` untouched.
+  std::vector<float> inv(n);
+  for (size_t i = 0; i < n; ++i) {
+    const float* row = x + i * d;
+    double ss = 0.0;
+    for (size_t j = 0; j < d; ++j) ss += static_cast<double>(row[j]) * row[j];
+    if (!(ss > 0.0))
+      throw_value(std::string(what) + " row " + std::to_string(i) +
+                  " is a zero vector, which has no direction under the cosine metric");
+    inv[i] = static_cast<float>(1.0 / std::sqrt(ss));
+  }
+  for (size_t i = 0; i < n; ++i)
+    for (size_t j = 0; j < d; ++j) out[i * d + j] = x[i * d + j] * inv[i];
+}
+
+// ---- IdMap ----------------------------------------------------------------------------------
+
+int64_t IdMap::find(int64_t id) const {
+  auto it = map_.find(id);
+  return it == map_.end() ? -1 : it->second;
+}
+
+void IdMap::check_new(const int64_t* ids, size_t n) const {
+  if (!ids) {
+    if (n > 0 && next_default_ > INT64_MAX - static_cast<int64_t>(n))
+      throw_value("default ids would overflow int64; pass ids explicitly");
+    return;
+  }
+  std::unordered_set<int64_t> batch;
+  batch.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t id = ids[i];
+    if (id == -1)
+      throw_value("id -1 (at position " + std::to_string(i) +
+                  ") is reserved for padding missing results");
+    if (map_.count(id))
+      throw_value("id " + std::to_string(id) + " (at position " + std::to_string(i) +
+                  ") is already in the index; remove it first");
+    if (!batch.insert(id).second)
+      throw_value("id " + std::to_string(id) + " appears more than once in this batch (again at "
+                  "position " + std::to_string(i) + ")");
+  }
+}
+
+void IdMap::append(const int64_t* ids, size_t n) {
+  const size_t old = row_ids_.size();
+  const int64_t old_next = next_default_;
+  try {
+    row_ids_.reserve(old + n);
+    map_.reserve(old + n);
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t id = ids ? ids[i] : next_default_ + static_cast<int64_t>(i);
+      row_ids_.push_back(id);
+      map_.emplace(id, static_cast<int64_t>(old + i));
+    }
+  } catch (...) {
+    for (size_t i = old; i < row_ids_.size(); ++i) map_.erase(row_ids_[i]);
+    row_ids_.resize(old);
+    next_default_ = old_next;
+    throw;
+  }
+  if (!ids) {
+    next_default_ += static_cast<int64_t>(n);
+  } else {
+    for (size_t i = 0; i < n; ++i)
+      if (ids[i] >= next_default_ && ids[i] < INT64_MAX) next_default_ = ids[i] + 1;
+  }
+}
+
+std::vector<int64_t> IdMap::rows_of(const int64_t* ids, size_t n, bool missing_ok) const {
+  std::vector<int64_t> rows(n);
+  for (size_t i = 0; i < n; ++i) {
+    rows[i] = find(ids[i]);
+    if (rows[i] < 0 && !missing_ok)
+      throw_key("id " + std::to_string(ids[i]) + " is not in the index");
+  }
+  return rows;
+}
+
+void IdMap::remove_swap(size_t row) {
+  const size_t last = row_ids_.size() - 1;
+  map_.erase(row_ids_[row]);
+  if (row != last) {
+    row_ids_[row] = row_ids_[last];
+    map_[row_ids_[row]] = static_cast<int64_t>(row);
+  }
+  row_ids_.pop_back();
+}
+
+std::vector<uint8_t> IdMap::filter_mask(const Filter& f) const {
+  std::vector<uint8_t> mask;
+  if (f.mask) {
+    if (f.mask_len != size())
+      throw_value("filter mask has " + std::to_string(f.mask_len) + " entries, expected one per "
+                  "stored vector (" + std::to_string(size()) + ")");
+    mask.assign(f.mask, f.mask + f.mask_len);
+    for (auto& m : mask) m = m != 0;
+  } else {
+    mask.assign(size(), 0);
+    for (size_t i = 0; i < f.n_ids; ++i) {
+      int64_t row = find(f.ids[i]);
+      if (row >= 0) mask[static_cast<size_t>(row)] = 1;
+    }
+  }
+  return mask;
+}
+
+size_t IdMap::memory_usage() const {
+  // Vector of ids plus the hash map's nodes (key, value, next pointer, cached hash) and buckets.
+  return row_ids_.capacity() * sizeof(int64_t) + map_.size() * 32 +
+         map_.bucket_count() * sizeof(void*);
+}
+
+void IdMap::write(Writer& w) const {
+  w.section("IDS\0", row_ids_.data(), row_ids_.size() * sizeof(int64_t));
+  w.section("NXID", &next_default_, sizeof next_default_);
+}
+
+void IdMap::read(Reader& r, uint64_t count) {
+  const uint64_t bytes = checked_mul(count, sizeof(int64_t), "id section");
+  if (bytes > r.remaining())
+    throw_format("truncated index file: " + std::to_string(count) + " ids need " +
+                 std::to_string(bytes) + " bytes, " + std::to_string(r.remaining()) + " remain");
+  row_ids_.resize(count);
+  r.section("IDS\0", row_ids_.data(), bytes);
+  r.section("NXID", &next_default_, sizeof next_default_);
+  rebuild_map();
+}
+
+void IdMap::rebuild_map() {
+  map_.clear();
+  map_.reserve(row_ids_.size());
+  for (size_t i = 0; i < row_ids_.size(); ++i) {
+    if (row_ids_[i] == -1 || !map_.emplace(row_ids_[i], static_cast<int64_t>(i)).second)
+      throw_format("corrupted index file: invalid or repeated id " + std::to_string(row_ids_[i]));
+  }
+}
+
+// ---- Index ----------------------------------------------------------------------------------
+
+Index::Index(size_t dim, Metric metric) : dim_(dim), metric_(metric) {
+  if (dim == 0) throw_value("dim must be at least 1, got 0");
+  if (dim > (size_t(1) << 20))
+    throw_value("dim " + std::to_string(dim) + " is larger than the supported maximum 1048576");
+}
+
+std::string Index::metadata() const {
+  std::shared_lock<std::shared_mutex> lk(mu_);
+  return metadata_;
+}
+
+void Index::set_metadata(const std::string& json) {
+  std::unique_lock<std::shared_mutex> lk(mu_);
+  metadata_ = json;
+}
+
+size_t Index::size() const {
+  std::shared_lock<std::shared_mutex> lk(mu_);
+  return count();
+}
+
+size_t Index::memory_usage() const {
+  std::shared_lock<std::shared_mutex> lk(mu_);
+  return bytes_used();
+}
+
+void Index::write_all(Writer& w) const {
+  FileHeader h;
+  h.kind = static_cast<uint32_t>(kind());
+  h.metric = static_cast<uint32_t>(metric_);
+  h.dim = dim_;
+  h.count = count();
+  w.header(h);
+  w.section("META", metadata_.data(), metadata_.size());
+  write_body(w);
+  w.finish();
+}
+
+void Index::save(const std::string& path) const {
+  AtomicFileWriter w(path);
+  {
+    std::shared_lock<std::shared_mutex> lk(mu_);
+    write_all(w);
+  }
+  w.commit();
+}
+
+std::string Index::to_bytes() const {
+  BytesWriter w;
+  std::shared_lock<std::shared_mutex> lk(mu_);
+  write_all(w);
+  return std::move(w.bytes());
+}
+
+std::vector<float> Index::prepare_queries(const float* q, size_t nq) const {
+  check_finite(q, nq, dim_, "queries");
+  std::vector<float> out(q, q + nq * dim_);
+  if (metric_ == Metric::Cosine) normalize_rows(out.data(), nq, dim_, out.data(), "queries");
+  return out;
+}
+
+std::vector<float> Index::prepare_vectors(const float* x, size_t n) const {
+  check_finite(x, n, dim_, "vectors");
+  std::vector<float> unit;
+  if (metric_ == Metric::Cosine) {
+    unit.resize(n * dim_);
+    normalize_rows(x, n, dim_, unit.data(), "vectors");
+  }
+  return unit;
+}
+
+namespace {
+
+std::unique_ptr<Index> read_any(Reader& r) {
+  FileHeader h = r.header();
+  if (h.metric > static_cast<uint32_t>(Metric::Cosine))
+    throw_format("corrupted index file: unknown metric code " + std::to_string(h.metric));
+  if (h.dim == 0 || h.dim > (uint64_t(1) << 20))
+    throw_format("corrupted index file: invalid dimension " + std::to_string(h.dim));
+  std::string meta = r.section_string("META", uint64_t(1) << 30);
+  std::unique_ptr<Index> idx;
+  switch (static_cast<IndexKind>(h.kind)) {
+    case IndexKind::Flat: idx = FlatIndex::read_body(r, h); break;
+    default:
+      throw_format("unknown index kind " + std::to_string(h.kind) +
+                   " (written by a newer pyknn?)");
+  }
+  r.finish();
+  idx->set_metadata(meta);
+  return idx;
+}
+
+}  // namespace
+
+std::unique_ptr<Index> load_index(const std::string& path) {
+  FileReader r(path);
+  return read_any(r);
+}
+
+std::unique_ptr<Index> index_from_bytes(const char* data, size_t len) {
+  BytesReader r(data, len);
+  return read_any(r);
+}
+
+}  // namespace pyknn

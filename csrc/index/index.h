@@ -1,0 +1,113 @@
+// What every index shares: metric, dimension, the user-id <-> row map, input checks, metadata and
+// the file header. Algorithms derive from Index; nothing here knows about Python.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <shared_mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "io/serialize.h"
+
+namespace pyknn {
+
+enum class Metric : uint32_t { IP = 0, L2 = 1, Cosine = 2 };
+enum class IndexKind : uint32_t { Flat = 1 };
+
+Metric parse_metric(const std::string& name);
+const char* metric_name(Metric m);
+
+// Throws ValueError naming the first row of x (n x d) that holds NaN or Inf.
+void check_finite(const float* x, size_t n, size_t d, const char* what);
+// out[i] = x[i] / ||x[i]|| (out may equal x); throws ValueError naming the first zero row.
+void normalize_rows(const float* x, size_t n, size_t d, float* out, const char* what);
+
+// Optional restriction of a search: an allow-list of user ids, or a mask over the stored rows.
+struct Filter {
+  const int64_t* ids = nullptr;
+  size_t n_ids = 0;
+  const uint8_t* mask = nullptr;
+  size_t mask_len = 0;
+  bool active() const { return ids != nullptr || mask != nullptr; }
+};
+
+// User ids (int64, -1 reserved) for the rows 0..n-1 of an index. Memory grows with the number of
+// ids, never with their values.
+class IdMap {
+ public:
+  size_t size() const { return row_ids_.size(); }
+  int64_t id_at(size_t row) const { return row_ids_[row]; }
+  const std::vector<int64_t>& row_ids() const { return row_ids_; }
+  // Row of `id`, or -1.
+  int64_t find(int64_t id) const;
+  // Throws ValueError unless all n ids could be appended (not -1, not repeated, not present).
+  void check_new(const int64_t* ids, size_t n) const;
+  // Appends checked ids, or the next n default ids (continuing after every id seen) if ids is null.
+  // Strong guarantee: on failure (memory) the map is unchanged.
+  void append(const int64_t* ids, size_t n);
+  // Rows of the given ids; throws KeyError naming the first unknown id unless missing_ok, in which
+  // case unknown ids get row -1.
+  std::vector<int64_t> rows_of(const int64_t* ids, size_t n, bool missing_ok) const;
+  // Removes `row` by moving the last row into its place (the caller moves the data the same way).
+  void remove_swap(size_t row);
+  // A mask over rows from a filter (ids not present are ignored); throws on a wrong mask length.
+  std::vector<uint8_t> filter_mask(const Filter& f) const;
+  size_t memory_usage() const;
+
+  void write(Writer& w) const;
+  void read(Reader& r, uint64_t count);
+
+ private:
+  void rebuild_map();
+  std::vector<int64_t> row_ids_;
+  std::unordered_map<int64_t, int64_t> map_;
+  int64_t next_default_ = 0;
+};
+
+class Index {
+ public:
+  Index(size_t dim, Metric metric);
+  virtual ~Index() = default;
+
+  virtual IndexKind kind() const = 0;
+  size_t dim() const { return dim_; }
+  Metric metric() const { return metric_; }
+  size_t size() const;
+  // Bytes held by the index (vectors, codes, ids, graph ...), excluding the Python object.
+  size_t memory_usage() const;
+
+  // JSON text owned by the Python layer (model id, creation time ...); saved with the index.
+  std::string metadata() const;
+  void set_metadata(const std::string& json);
+
+  // Writes the whole index in the common format; `save` is atomic.
+  void save(const std::string& path) const;
+  std::string to_bytes() const;
+
+ protected:
+  // The unlocked parts each index implements; callers hold mu_.
+  virtual size_t count() const = 0;
+  virtual size_t bytes_used() const = 0;
+  virtual void write_body(Writer& w) const = 0;
+  void write_all(Writer& w) const;
+  // Queries ready for search: finite, and unit-normalised for cosine.
+  std::vector<float> prepare_queries(const float* q, size_t nq) const;
+  // Checks vectors to add (finite; non-zero for cosine). Returns their unit-normalised copy for
+  // cosine, else an empty vector (store x as given).
+  std::vector<float> prepare_vectors(const float* x, size_t n) const;
+
+  size_t dim_;
+  Metric metric_;
+  std::string metadata_ = "{}";
+  // Searches take it shared, mutations exclusive: concurrent searches run in parallel and a
+  // writer never exposes a half-applied change.
+  mutable std::shared_mutex mu_;
+};
+
+// Reads any index written by save/to_bytes; throws FormatError for anything else.
+std::unique_ptr<Index> load_index(const std::string& path);
+std::unique_ptr<Index> index_from_bytes(const char* data, size_t len);
+
+}  // namespace pyknn

@@ -1,0 +1,129 @@
+// The on-disk format shared by every index:
+//
+//   "PYKNNIDX"                      8 bytes of magic
+//   u32 format_version, u32 kind, u32 metric, u32 flags (0)
+//   u64 dim, u64 count
+//   sections: { char tag[4], u32 zero, u64 length, length bytes }...   (order fixed per kind)
+//   "END\0", u32 zero, u64 8, u64 checksum                                (XXH64 of all bytes before it)
+//
+// Little-endian. Every length is checked against the bytes that remain before anything is allocated,
+// so a truncated or hostile file raises a FormatError instead of exhausting memory.
+#pragma once
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "common/hash.h"
+
+namespace pyknn {
+
+constexpr uint32_t kFormatVersion = 1;
+constexpr uint32_t kMinFormatVersion = 1;
+
+struct FileHeader {
+  uint32_t version = kFormatVersion;
+  uint32_t kind = 0;
+  uint32_t metric = 0;
+  uint32_t flags = 0;
+  uint64_t dim = 0;
+  uint64_t count = 0;
+};
+
+class Writer {
+ public:
+  virtual ~Writer() = default;
+  void header(const FileHeader& h);
+  void section(const char tag[4], const void* data, uint64_t len);
+  // Starts a section whose payload is then written with raw() in pieces totalling len bytes.
+  void section_begin(const char tag[4], uint64_t len);
+  void raw(const void* data, uint64_t len);
+  void finish();  // writes the END section with the checksum
+
+ protected:
+  virtual void put(const void* data, size_t len) = 0;
+
+ private:
+  Hasher64 hash_;
+};
+
+class BytesWriter : public Writer {
+ public:
+  std::string& bytes() { return out_; }
+
+ protected:
+  void put(const void* data, size_t len) override;
+
+ private:
+  std::string out_;
+};
+
+// Writes to a temporary file beside `path`; commit() flushes, fsyncs and renames it into place, so
+// readers see either the old file or the complete new one. Without commit() the temp file is removed.
+class AtomicFileWriter : public Writer {
+ public:
+  explicit AtomicFileWriter(const std::string& path);
+  ~AtomicFileWriter() override;
+  void commit();
+
+ protected:
+  void put(const void* data, size_t len) override;
+
+ private:
+  std::string path_, tmp_;
+  std::FILE* f_ = nullptr;
+};
+
+class Reader {
+ public:
+  virtual ~Reader() = default;
+  // Reads and checks magic and version; kind/metric are checked by the caller.
+  FileHeader header();
+  // Reads the next section, which must carry `tag`; returns its length after checking it is at most
+  // max_len and fits in the remaining input.
+  uint64_t section_begin(const char tag[4], uint64_t max_len);
+  // Reads a section of exactly `len` bytes into dst.
+  void section(const char tag[4], void* dst, uint64_t len);
+  std::string section_string(const char tag[4], uint64_t max_len);
+  void raw(void* dst, uint64_t len);
+  // Reads the END section and verifies the checksum.
+  void finish();
+  uint64_t remaining() const { return size_ - pos_; }
+
+ protected:
+  virtual void get(void* dst, size_t len) = 0;
+  uint64_t size_ = 0;
+  uint64_t pos_ = 0;
+
+ private:
+  Hasher64 hash_;
+};
+
+class BytesReader : public Reader {
+ public:
+  BytesReader(const char* data, size_t len) : data_(data) { size_ = len; }
+
+ protected:
+  void get(void* dst, size_t len) override;
+
+ private:
+  const char* data_;
+};
+
+class FileReader : public Reader {
+ public:
+  explicit FileReader(const std::string& path);
+  ~FileReader() override;
+
+ protected:
+  void get(void* dst, size_t len) override;
+
+ private:
+  std::string path_;
+  std::FILE* f_ = nullptr;
+};
+
+// Checked size arithmetic: throws FormatError (reading) on overflow.
+uint64_t checked_mul(uint64_t a, uint64_t b, const char* what);
+
+}  // namespace pyknn

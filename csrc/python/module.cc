@@ -1,0 +1,121 @@
+// pyknn._core: the compiled module. Exceptions from the core are mapped here, in one place.
+#include <pybind11/stl.h>
+
+#include "common/threadpool.h"
+#include "index/index.h"
+#include "python/common.h"
+#include "simd/dispatch.h"
+
+namespace pyknn {
+namespace {
+
+PyObject* g_format_error = nullptr;
+
+void translate(std::exception_ptr p) {
+  try {
+    if (p) std::rethrow_exception(p);
+  } catch (const Error& e) {
+    switch (e.kind()) {
+      case ErrorKind::Value: PyErr_SetString(PyExc_ValueError, e.what()); return;
+      case ErrorKind::Key: PyErr_SetString(PyExc_KeyError, e.what()); return;
+      case ErrorKind::Type: PyErr_SetString(PyExc_TypeError, e.what()); return;
+      case ErrorKind::Format: PyErr_SetString(g_format_error, e.what()); return;
+      case ErrorKind::IO: {
+        // OSError(errno, msg) becomes FileNotFoundError, PermissionError ... as appropriate.
+        PyObject* args = Py_BuildValue("(is)", e.os_errno(), e.what());
+        PyErr_SetObject(PyExc_OSError, args);
+        Py_XDECREF(args);
+        return;
+      }
+      case ErrorKind::Runtime: PyErr_SetString(PyExc_RuntimeError, e.what()); return;
+    }
+  }
+}
+
+const simd::Kernels& kernels_named(const std::string& level) {
+  return simd::kernels_for(simd::parse_level(level));
+}
+
+// Direct access to one level's kernels, so tests can check every compiled level against numpy.
+void bind_kernel_hooks(py::module_& m) {
+  m.def("_kernel_dot_many", [](const std::string& level, FloatArray q, FloatArray x) {
+    const simd::Kernels& K = kernels_named(level);
+    size_t d = static_cast<size_t>(q.shape(0)), n = rows_checked(x, d, "x");
+    py::array_t<float> out(n);
+    K.dot_many(q.data(), x.data(), n, d, out.mutable_data());
+    return out;
+  });
+  m.def("_kernel_l2sq_many", [](const std::string& level, FloatArray q, FloatArray x) {
+    const simd::Kernels& K = kernels_named(level);
+    size_t d = static_cast<size_t>(q.shape(0)), n = rows_checked(x, d, "x");
+    py::array_t<float> out(n);
+    K.l2sq_many(q.data(), x.data(), n, d, out.mutable_data());
+    return out;
+  });
+  m.def("_kernel_dot", [](const std::string& level, FloatArray a, FloatArray b) {
+    return kernels_named(level).dot(a.data(), b.data(), static_cast<size_t>(a.shape(0)));
+  });
+  m.def("_kernel_l2sq", [](const std::string& level, FloatArray a, FloatArray b) {
+    return kernels_named(level).l2sq(a.data(), b.data(), static_cast<size_t>(a.shape(0)));
+  });
+  m.def("_kernel_norms_sq", [](const std::string& level, FloatArray x) {
+    const simd::Kernels& K = kernels_named(level);
+    size_t n = static_cast<size_t>(x.shape(0)), d = static_cast<size_t>(x.shape(1));
+    py::array_t<float> out(n);
+    K.norms_sq(x.data(), n, d, out.mutable_data());
+    return out;
+  });
+  // q (m x d) times x (n x d) transposed through pack + gemm.
+  m.def("_kernel_gemm", [](const std::string& level, FloatArray q, FloatArray x) {
+    const simd::Kernels& K = kernels_named(level);
+    size_t mq = static_cast<size_t>(q.shape(0)), d = static_cast<size_t>(q.shape(1));
+    size_t n = rows_checked(x, d, "x");
+    size_t ldo = simd::round_up(n, static_cast<size_t>(K.nr));
+    std::vector<float> packed(simd::packed_size(K, n, d) + 16);
+    std::vector<float> tile(mq * ldo + 1);
+    K.pack(x.data(), n, d, packed.data());
+    K.gemm(q.data(), d, mq, packed.data(), n, d, tile.data(), ldo);
+    py::array_t<float> out({mq, n});
+    for (size_t i = 0; i < mq; ++i)
+      std::copy(tile.begin() + i * ldo, tile.begin() + i * ldo + n, out.mutable_data() + i * n);
+    return out;
+  });
+  m.def("_kernel_select_ge", [](const std::string& level, FloatArray s, float thr) {
+    const simd::Kernels& K = kernels_named(level);
+    size_t n = static_cast<size_t>(s.size());
+    std::vector<uint32_t> idx(n + 1);
+    size_t c = K.select_ge(s.data(), n, thr, idx.data());
+    return std::vector<uint32_t>(idx.begin(), idx.begin() + c);
+  });
+}
+
+}  // namespace
+
+}  // namespace pyknn
+
+PYBIND11_MODULE(_core, m) {
+  using namespace pyknn;
+  m.doc() = "pyknn compiled core (private; use the pyknn package)";
+  g_format_error = PyErr_NewExceptionWithDoc(
+      "pyknn.FormatError",
+      "An index file or byte string is truncated, corrupted, foreign or of an unsupported format "
+      "version.",
+      PyExc_ValueError, nullptr);
+  m.attr("FormatError") = py::handle(g_format_error);
+  py::register_exception_translator(&translate);
+
+  m.def("simd_level", [] { return std::string(simd::level_name(simd::current_level())); },
+        "Name of the instruction-set level the kernels run at now.");
+  m.def("set_simd_level",
+        [](const std::string& name) { simd::set_level(simd::parse_level(name)); },
+        py::arg("name"));
+  m.def("available_simd_levels", [] {
+    std::vector<std::string> names;
+    for (auto l : simd::available_levels()) names.push_back(simd::level_name(l));
+    return names;
+  });
+  m.def("num_threads", &num_threads);
+  m.def("set_num_threads", &set_num_threads, py::arg("n"));
+  bind_kernel_hooks(m);
+  bind_flat(m);
+}

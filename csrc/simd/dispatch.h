@@ -1,0 +1,57 @@
+// The kernel table: one per instruction-set level, chosen once, lowerable at run time.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace pyknn {
+namespace simd {
+
+enum class Level { Scalar = 0, AVX2 = 1, AVX512 = 2 };
+
+struct Kernels {
+  const char* name;
+  int mr;  // queries per register tile of `gemm`
+  int nr;  // vectors per packed panel of `pack` / `gemm`
+
+  // <a, b> and ||a - b||^2 over d floats.
+  float (*dot)(const float* a, const float* b, size_t d);
+  float (*l2sq)(const float* a, const float* b, size_t d);
+  // One query against n row-major vectors x (n x d): out[i] = <q, x_i> or ||q - x_i||^2.
+  void (*dot_many)(const float* q, const float* x, size_t n, size_t d, float* out);
+  void (*l2sq_many)(const float* q, const float* x, size_t n, size_t d, float* out);
+  // out[i] = ||x_i||^2.
+  void (*norms_sq)(const float* x, size_t n, size_t d, float* out);
+  // Packs nb row-major vectors into ceil(nb / nr) panels of nr x d floats, dimension-major inside a
+  // panel, zero-padded; `packed` must hold packed_size(nb, d) floats, 64-byte aligned.
+  void (*pack)(const float* x, size_t nb, size_t d, float* packed);
+  // out[i * ldo + j] = <q_i, x_j> for mq row-major queries q (stride ldq) and a packed block of nb
+  // vectors. Writes whole panels: ldo >= round_up(nb, nr) and the padding columns get 0.
+  void (*gemm)(const float* q, size_t ldq, size_t mq, const float* packed, size_t nb, size_t d,
+               float* out, size_t ldo);
+  // Writes the positions j < n with s[j] >= thr to idx in ascending order; returns their count.
+  size_t (*select_ge)(const float* s, size_t n, float thr, uint32_t* idx);
+};
+
+inline size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }
+inline size_t packed_size(const Kernels& k, size_t nb, size_t d) {
+  return round_up(nb, static_cast<size_t>(k.nr)) * d;
+}
+
+// The levels this CPU and OS support, lowest first (always starts with Scalar).
+std::vector<Level> available_levels();
+Level max_level();
+Level current_level();
+const char* level_name(Level level);
+// Parses "scalar" | "avx2" | "avx512" | "auto"; throws ValueError for other names and for levels
+// this CPU lacks (the message lists the available ones).
+Level parse_level(const std::string& name);
+void set_level(Level level);
+
+// The kernels of the current level. Callers fetch this once per batch, not per vector.
+const Kernels& kernels();
+const Kernels& kernels_for(Level level);
+
+}  // namespace simd
+}  // namespace pyknn

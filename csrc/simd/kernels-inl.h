@@ -1,0 +1,230 @@
+// Distance kernels, written once and compiled once per instruction-set level.
+//
+// Each kernels_<level>.cc defines PYKNN_KNS (a namespace unique to the level), PYKNN_VW (floats per
+// vector register), PYKNN_MR (queries per GEMM register tile), PYKNN_LEVEL_NAME and PYKNN_GETTER,
+// then includes this file. GCC/Clang vector extensions lower to the level's registers (SSE/NEON
+// for the portable build, YMM for AVX2, ZMM for AVX-512).
+//
+// Nothing here may use std:: templates or other inline code shared with the rest of the program:
+// those would be emitted with this level's instructions as COMDAT symbols, and the linker could
+// hand the AVX-512 copy to baseline code on a CPU without AVX-512.
+#include "simd/dispatch.h"
+
+namespace pyknn {
+namespace simd {
+namespace PYKNN_KNS {
+namespace {
+
+constexpr int W = PYKNN_VW;
+constexpr int NR = 2 * W;  // one packed panel = two vector registers wide
+constexpr int MR = PYKNN_MR;
+
+typedef float V __attribute__((vector_size(W * sizeof(float))));
+
+inline V load(const float* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+inline void store(float* p, V v) { __builtin_memcpy(p, &v, sizeof(V)); }
+inline V zero() { return V{}; }
+
+inline float hsum(V v) {
+  float s = 0.f;
+  for (int i = 0; i < W; ++i) s += v[i];
+  return s;
+}
+
+float dot(const float* a, const float* b, size_t d) {
+  V acc0 = zero(), acc1 = zero();
+  size_t k = 0;
+  for (; k + 2 * W <= d; k += 2 * W) {
+    acc0 += load(a + k) * load(b + k);
+    acc1 += load(a + k + W) * load(b + k + W);
+  }
+  if (k + W <= d) {
+    acc0 += load(a + k) * load(b + k);
+    k += W;
+  }
+  float s = hsum(acc0 + acc1);
+  for (; k < d; ++k) s += a[k] * b[k];
+  return s;
+}
+
+float l2sq(const float* a, const float* b, size_t d) {
+  V acc0 = zero(), acc1 = zero();
+  size_t k = 0;
+  for (; k + 2 * W <= d; k += 2 * W) {
+    V t0 = load(a + k) - load(b + k);
+    V t1 = load(a + k + W) - load(b + k + W);
+    acc0 += t0 * t0;
+    acc1 += t1 * t1;
+  }
+  if (k + W <= d) {
+    V t = load(a + k) - load(b + k);
+    acc0 += t * t;
+    k += W;
+  }
+  float s = hsum(acc0 + acc1);
+  for (; k < d; ++k) {
+    float t = a[k] - b[k];
+    s += t * t;
+  }
+  return s;
+}
+
+// Four rows at a time: the query is loaded once per four products, and four independent
+// accumulators keep both FMA ports busy while the rows stream in from memory.
+template <bool L2>
+void many(const float* q, const float* x, size_t n, size_t d, float* out) {
+  size_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const float* x0 = x + i * d;
+    const float* x1 = x0 + d;
+    const float* x2 = x1 + d;
+    const float* x3 = x2 + d;
+    V a0 = zero(), a1 = zero(), a2 = zero(), a3 = zero();
+    size_t k = 0;
+    for (; k + W <= d; k += W) {
+      V qv = load(q + k);
+      if (L2) {
+        V t0 = qv - load(x0 + k), t1 = qv - load(x1 + k), t2 = qv - load(x2 + k),
+          t3 = qv - load(x3 + k);
+        a0 += t0 * t0;
+        a1 += t1 * t1;
+        a2 += t2 * t2;
+        a3 += t3 * t3;
+      } else {
+        a0 += qv * load(x0 + k);
+        a1 += qv * load(x1 + k);
+        a2 += qv * load(x2 + k);
+        a3 += qv * load(x3 + k);
+      }
+    }
+    float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+    for (; k < d; ++k) {
+      if (L2) {
+        float t0 = q[k] - x0[k], t1 = q[k] - x1[k], t2 = q[k] - x2[k], t3 = q[k] - x3[k];
+        s0 += t0 * t0;
+        s1 += t1 * t1;
+        s2 += t2 * t2;
+        s3 += t3 * t3;
+      } else {
+        s0 += q[k] * x0[k];
+        s1 += q[k] * x1[k];
+        s2 += q[k] * x2[k];
+        s3 += q[k] * x3[k];
+      }
+    }
+    out[i] = s0;
+    out[i + 1] = s1;
+    out[i + 2] = s2;
+    out[i + 3] = s3;
+  }
+  for (; i < n; ++i) out[i] = L2 ? l2sq(q, x + i * d, d) : dot(q, x + i * d, d);
+}
+
+void dot_many(const float* q, const float* x, size_t n, size_t d, float* out) {
+  many<false>(q, x, n, d, out);
+}
+void l2sq_many(const float* q, const float* x, size_t n, size_t d, float* out) {
+  many<true>(q, x, n, d, out);
+}
+
+void norms_sq(const float* x, size_t n, size_t d, float* out) {
+  for (size_t i = 0; i < n; ++i) out[i] = dot(x + i * d, x + i * d, d);
+}
+
+void pack(const float* x, size_t nb, size_t d, float* packed) {
+  for (size_t p0 = 0; p0 < nb; p0 += NR) {
+    float* panel = packed + p0 * d;
+    const size_t rows = nb - p0 < static_cast<size_t>(NR) ? nb - p0 : NR;
+    for (size_t j = 0; j < rows; ++j) {
+      const float* src = x + (p0 + j) * d;
+      for (size_t k = 0; k < d; ++k) panel[k * NR + j] = src[k];
+    }
+    for (size_t j = rows; j < static_cast<size_t>(NR); ++j)
+      for (size_t k = 0; k < d; ++k) panel[k * NR + j] = 0.f;
+  }
+}
+
+// M queries x one panel of NR vectors, accumulated over all d dimensions in registers:
+// per dimension, two panel loads and M broadcasts feed 2*M FMAs.
+template <int M>
+inline void micro(const float* q, size_t ldq, const float* panel, size_t d, float* out,
+                  size_t ldo) {
+  V acc[M][2];
+#pragma GCC unroll 16
+  for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = zero();
+  for (size_t k = 0; k < d; ++k) {
+    const V b0 = load(panel + k * NR);
+    const V b1 = load(panel + k * NR + W);
+#pragma GCC unroll 16
+    for (int i = 0; i < M; ++i) {
+      const float a = q[i * ldq + k];
+      acc[i][0] += a * b0;
+      acc[i][1] += a * b1;
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < M; ++i) {
+    store(out + i * ldo, acc[i][0]);
+    store(out + i * ldo + W, acc[i][1]);
+  }
+}
+
+template <int M>
+void micro_rows(const float* q, size_t ldq, const float* packed, size_t npanels, size_t d,
+                float* out, size_t ldo) {
+  for (size_t p = 0; p < npanels; ++p)
+    micro<M>(q, ldq, packed + p * NR * d, d, out + p * NR, ldo);
+}
+
+template <int M>
+void tail_rows(int m, const float* q, size_t ldq, const float* packed, size_t npanels, size_t d,
+               float* out, size_t ldo) {
+  if constexpr (M > 0) {
+    if (m == M) return micro_rows<M>(q, ldq, packed, npanels, d, out, ldo);
+    tail_rows<M - 1>(m, q, ldq, packed, npanels, d, out, ldo);
+  }
+}
+
+void gemm(const float* q, size_t ldq, size_t mq, const float* packed, size_t nb, size_t d,
+          float* out, size_t ldo) {
+  const size_t npanels = (nb + NR - 1) / NR;
+  size_t i = 0;
+  for (; i + MR <= mq; i += MR) micro_rows<MR>(q + i * ldq, ldq, packed, npanels, d, out + i * ldo, ldo);
+  if (i < mq)
+    tail_rows<MR - 1>(static_cast<int>(mq - i), q + i * ldq, ldq, packed, npanels, d,
+                      out + i * ldo, ldo);
+}
+
+inline V vmax(V a, V b) { return a > b ? a : b; }
+
+// Positions of the scores >= thr, ascending. Most blocks hold no candidate once the heaps are
+// full, so the test is done on the maximum of 4 registers first.
+size_t select_ge(const float* s, size_t n, float thr, uint32_t* idx) {
+  size_t c = 0, j = 0;
+  for (; j + 4 * W <= n; j += 4 * W) {
+    V m = vmax(vmax(load(s + j), load(s + j + W)), vmax(load(s + j + 2 * W), load(s + j + 3 * W)));
+    float mx = m[0];
+    for (int i = 1; i < W; ++i) mx = m[i] > mx ? m[i] : mx;
+    if (!(mx >= thr)) continue;
+    for (size_t i = j; i < j + 4 * W; ++i)
+      if (s[i] >= thr) idx[c++] = static_cast<uint32_t>(i);
+  }
+  for (; j < n; ++j)
+    if (s[j] >= thr) idx[c++] = static_cast<uint32_t>(j);
+  return c;
+}
+
+const Kernels table = {PYKNN_LEVEL_NAME, MR, NR, dot, l2sq, dot_many, l2sq_many, norms_sq,
+                       pack, gemm, select_ge};
+
+}  // namespace
+}  // namespace PYKNN_KNS
+
+const Kernels* PYKNN_GETTER() { return &PYKNN_KNS::table; }
+
+}  // namespace simd
+}  // namespace pyknn

@@ -1,0 +1,97 @@
+"""Argument checks and conversions shared by every index (the input policy)."""
+import numbers
+import operator
+
+import numpy as np
+
+_METRICS = ("ip", "l2", "cosine")
+
+
+def check_metric(metric):
+    if not isinstance(metric, str) or metric.lower() not in _METRICS:
+        raise ValueError(f"unknown metric {metric!r} (expected 'ip', 'l2' or 'cosine')")
+    return metric.lower()
+
+
+def check_dim(dim):
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if dim < 1:
+        raise ValueError(f"dim must be at least 1, got {dim}")
+    return int(dim)
+
+
+def check_k(k):
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    return int(k)
+
+
+def check_positive_int(value, name, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return int(value)
+
+
+def as_matrix(x, dim, what="vectors"):
+    """Return x as a C-contiguous float32 (n, dim) array, copying only when needed.
+
+    Real dtypes are converted as ``astype(np.float32)`` would; a 1-D array is one vector.
+    """
+    a = x if isinstance(x, np.ndarray) else np.asarray(x)
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"{what} must be an array of real numbers, got dtype {a.dtype}")
+    if a.ndim == 1:
+        a = a.reshape(1, -1)
+    elif a.ndim != 2:
+        raise ValueError(f"{what} must be a 1-D vector or a 2-D (n, dim) array, got shape {a.shape}")
+    if a.shape[1] != dim:
+        raise ValueError(f"{what}: expected dim {dim}, got {a.shape[1]}")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def as_ids(ids, n=None, what="ids"):
+    """Return ids as a C-contiguous 1-D int64 array (a scalar becomes one id)."""
+    a = ids if isinstance(ids, np.ndarray) else np.asarray(ids)
+    if a.ndim == 0:
+        a = a.reshape(1)
+    if a.size == 0:
+        a = a.reshape(0).astype(np.int64)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{what} must be integers, got dtype {a.dtype}")
+    if a.ndim != 1:
+        raise ValueError(f"{what} must be 1-D, got shape {a.shape}")
+    if n is not None and a.shape[0] != n:
+        raise ValueError(f"got {a.shape[0]} {what} for {n} vectors")
+    if a.dtype == np.uint64 and a.size and int(a.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"{what} must fit in int64, got {int(a.max())}")
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def as_filter(filter, ntotal):
+    """Split a search filter into (allowed ids, row mask): exactly one of them is not None.
+
+    ``filter`` is an allow-list of ids (integers) or a boolean mask with one entry per stored
+    vector, in the order of ``index.ids``.
+    """
+    if filter is None:
+        return None, None
+    a = filter if isinstance(filter, np.ndarray) else np.asarray(filter)
+    if a.dtype == np.bool_:
+        if a.ndim != 1 or a.shape[0] != ntotal:
+            raise ValueError(
+                f"a boolean filter needs one entry per stored vector ({ntotal}), got shape {a.shape}")
+        return None, np.ascontiguousarray(a).view(np.uint8)
+    return as_ids(a, what="filter ids"), None
+
+
+def is_scalar_id(x):
+    try:
+        operator.index(x)
+        return not isinstance(x, bool)
+    except TypeError:
+        return False

@@ -51,7 +51,9 @@ def as_matrix(x, dim, what="vectors"):
         raise ValueError(f"{what} must be a 1-D vector or a 2-D (n, dim) array, got shape {a.shape}")
     if a.shape[1] != dim:
         raise ValueError(f"{what}: expected dim {dim}, got {a.shape[1]}")
-    return np.ascontiguousarray(a, dtype=np.float32)
+    # Values beyond float32's range become Inf, which the core then rejects naming the row.
+    with np.errstate(over="ignore"):
+        return np.ascontiguousarray(a, dtype=np.float32)
 
 
 def as_ids(ids, n=None, what="ids"):

@@ -1,0 +1,128 @@
+"""Every compiled kernel level against float64 numpy, over awkward dimensions."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import pyknn
+from pyknn import _core
+
+from conftest import LEVELS
+
+DIMS = [1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 384, 768, 1536, 4096]
+
+
+def _data(n, d, seed):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, d)).astype(np.float32)
+
+
+def _tol(ref, d, scale):
+    # float32 accumulation error grows with d; compare relative to the magnitudes summed.
+    return 1e-5 * np.sqrt(d) * scale + 1e-6
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("d", DIMS)
+def test_dot_and_l2_many(level, d):
+    x = _data(13, d, d)
+    q = _data(1, d, d + 1)[0]
+    ref_dot = x.astype(np.float64) @ q.astype(np.float64)
+    ref_l2 = ((x.astype(np.float64) - q) ** 2).sum(1)
+    scale = np.abs(x).astype(np.float64) @ np.abs(q).astype(np.float64)
+    np.testing.assert_allclose(_core._kernel_dot_many(level, q, x), ref_dot, rtol=0,
+                               atol=_tol(ref_dot, d, scale.max()))
+    np.testing.assert_allclose(_core._kernel_l2sq_many(level, q, x), ref_l2, rtol=1e-5 * np.sqrt(d))
+    for i in (0, 5, 12):
+        assert abs(_core._kernel_dot(level, q, x[i]) - ref_dot[i]) <= _tol(ref_dot, d, scale[i])
+        assert _core._kernel_l2sq(level, q, x[i]) == pytest.approx(ref_l2[i], rel=1e-5 * np.sqrt(d))
+    norms = _core._kernel_norms_sq(level, x)
+    np.testing.assert_allclose(norms, (x.astype(np.float64) ** 2).sum(1), rtol=1e-5 * np.sqrt(d))
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("d", [1, 3, 16, 17, 65, 384])
+@pytest.mark.parametrize("m,n", [(1, 1), (5, 33), (13, 70), (25, 129)])
+def test_packed_gemm(level, d, m, n):
+    q = _data(m, d, 1)
+    x = _data(n, d, 2)
+    ref = q.astype(np.float64) @ x.astype(np.float64).T
+    scale = np.abs(q).astype(np.float64) @ np.abs(x).astype(np.float64).T
+    got = _core._kernel_gemm(level, q, x)
+    assert got.shape == (m, n)
+    assert np.all(np.abs(got - ref) <= 1e-5 * np.sqrt(d) * scale + 1e-6)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_select_ge(level):
+    rng = np.random.default_rng(3)
+    for n in (0, 1, 63, 64, 65, 200, 1000):
+        s = rng.standard_normal(n).astype(np.float32)
+        for thr in (-np.inf, 0.5, 2.0, np.inf):
+            got = _core._kernel_select_ge(level, s, thr)
+            assert list(got) == list(np.nonzero(s >= thr)[0])
+
+
+def test_levels_reported():
+    assert LEVELS[0] == "scalar"
+    assert pyknn.simd_level() == LEVELS[-1]
+    assert set(LEVELS) <= {"scalar", "avx2", "avx512"}
+
+
+def test_set_level_lower_and_restore(simd_level):
+    assert pyknn.simd_level() == simd_level
+
+
+def test_set_level_errors():
+    with pytest.raises(ValueError, match="unknown SIMD level 'sse9'"):
+        pyknn.set_simd_level("sse9")
+    missing = [lv for lv in ("avx2", "avx512") if lv not in LEVELS]
+    for lv in missing:
+        with pytest.raises(ValueError, match="not supported by this CPU"):
+            pyknn.set_simd_level(lv)
+    with pytest.raises(TypeError):
+        pyknn.set_simd_level(2)
+    before = pyknn.simd_level()
+    pyknn.set_simd_level("scalar")
+    pyknn.set_simd_level("auto")
+    assert pyknn.simd_level() == before
+
+
+def _run(env_extra):
+    env = dict(os.environ, **env_extra)
+    return subprocess.run([sys.executable, "-c", "import pyknn; print(pyknn.simd_level())"],
+                          env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_env_variable_lowers_level(level):
+    r = _run({"PYKNN_SIMD": level})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == level
+
+
+def test_env_variable_rejects_unknown_level():
+    r = _run({"PYKNN_SIMD": "neon9000"})
+    assert r.returncode != 0
+    assert "PYKNN_SIMD" in r.stderr and "unknown SIMD level" in r.stderr
+
+
+def test_search_identical_results_across_levels():
+    x = _data(3000, 100, 7)
+    q = _data(40, 100, 8)
+    results = {}
+    previous = pyknn.simd_level()
+    try:
+        for lv in LEVELS:
+            pyknn.set_simd_level(lv)
+            idx = pyknn.FlatIndex(100, "l2")
+            idx.add(x)
+            results[lv] = idx.search(q, 10)
+    finally:
+        pyknn.set_simd_level(previous)
+    base_d, base_i = results["scalar"]
+    for lv, (d, i) in results.items():
+        np.testing.assert_array_equal(i, base_i, err_msg=lv)
+        np.testing.assert_allclose(d, base_d, rtol=1e-5, err_msg=lv)

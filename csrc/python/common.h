@@ -30,5 +30,6 @@ inline size_t len_checked(const IdArray& ids, size_t expected, const char* what)
 }
 
 void bind_flat(py::module_& m);
+void bind_kmeans(py::module_& m);
 
 }  // namespace pyknn

@@ -118,4 +118,5 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
   bind_kernel_hooks(m);
   bind_flat(m);
+  bind_kmeans(m);
 }

@@ -11,7 +11,8 @@
 namespace pyknn {
 
 size_t FlatIndex::bytes_used() const {
-  return data_.capacity() * sizeof(float) + ids_.memory_usage();
+  return data_.capacity() * sizeof(float) + row_ids_.capacity() * sizeof(int64_t) +
+         ids_.memory_usage();
 }
 
 void FlatIndex::add(const float* x, size_t n, const int64_t* ids) {
@@ -21,11 +22,17 @@ void FlatIndex::add(const float* x, size_t n, const int64_t* ids) {
   if (!unit.empty()) x = unit.data();
   std::unique_lock<std::shared_mutex> lk(mu_);
   ids_.check_new(ids, n);
+  std::vector<int64_t> new_ids = ids_.new_ids(ids, n);
+  std::vector<int64_t> rows(n);
+  for (size_t i = 0; i < n; ++i) rows[i] = static_cast<int64_t>(row_ids_.size() + i);
+  // Allocate everything first so that nothing below can fail half-way.
   const size_t old = data_.size();
   if (data_.capacity() < old + n * dim_)
     data_.reserve(std::max(old + n * dim_, data_.capacity() + data_.capacity() / 2));
-  ids_.append(ids, n);  // strong guarantee; the reserve above already succeeded
+  row_ids_.reserve(row_ids_.size() + n);
+  ids_.insert(new_ids.data(), rows.data(), n);  // strong guarantee
   data_.insert(data_.end(), x, x + n * dim_);
+  row_ids_.insert(row_ids_.end(), new_ids.begin(), new_ids.end());
 }
 
 void FlatIndex::search(const float* q, size_t nq, size_t k, const Filter& filter,
@@ -33,10 +40,10 @@ void FlatIndex::search(const float* q, size_t nq, size_t k, const Filter& filter
   std::vector<float> queries = prepare_queries(q, nq);
   std::shared_lock<std::shared_mutex> lk(mu_);
   std::vector<uint8_t> mask;
-  if (filter.active()) mask = ids_.filter_mask(filter);
+  if (filter.active()) mask = filter_mask(filter, ids_, row_ids_.size());
   ExactSearchInput in;
   in.x = data_.data();
-  in.n = ids_.size();
+  in.n = row_ids_.size();
   in.d = dim_;
   in.l2 = metric_ == Metric::L2;
   in.mask = filter.active() ? mask.data() : nullptr;
@@ -47,7 +54,7 @@ void FlatIndex::search(const float* q, size_t nq, size_t k, const Filter& filter
     if (ids[i] < 0) {
       distances[i] = pad;
     } else {
-      ids[i] = ids_.id_at(static_cast<size_t>(ids[i]));
+      ids[i] = row_ids_[static_cast<size_t>(ids[i])];
       if (in.l2) distances[i] = -distances[i];
     }
   }
@@ -55,23 +62,28 @@ void FlatIndex::search(const float* q, size_t nq, size_t k, const Filter& filter
 
 void FlatIndex::get(const int64_t* ids, size_t n, float* out) const {
   std::shared_lock<std::shared_mutex> lk(mu_);
-  std::vector<int64_t> rows = ids_.rows_of(ids, n, false);
+  std::vector<int64_t> rows = ids_.locations_of(ids, n, false);
   for (size_t i = 0; i < n; ++i)
     std::memcpy(out + i * dim_, data_.data() + rows[i] * dim_, dim_ * sizeof(float));
 }
 
 size_t FlatIndex::remove(const int64_t* ids, size_t n, bool missing_ok) {
   std::unique_lock<std::shared_mutex> lk(mu_);
-  std::vector<int64_t> rows = ids_.rows_of(ids, n, missing_ok);
+  ids_.locations_of(ids, n, missing_ok);  // KeyError before anything changes
   size_t removed = 0;
   for (size_t i = 0; i < n; ++i) {
     // Look up again: an earlier removal may have moved this id, and ids may repeat.
     const int64_t row = ids_.find(ids[i]);
     if (row < 0) continue;
-    const size_t last = ids_.size() - 1;
-    if (static_cast<size_t>(row) != last)
+    // The last row moves into the hole.
+    const size_t last = row_ids_.size() - 1;
+    if (static_cast<size_t>(row) != last) {
       std::memcpy(data_.data() + row * dim_, data_.data() + last * dim_, dim_ * sizeof(float));
-    ids_.remove_swap(static_cast<size_t>(row));
+      row_ids_[row] = row_ids_[last];
+      ids_.relocate(row_ids_[row], row);
+    }
+    ids_.erase(ids[i]);
+    row_ids_.pop_back();
     data_.resize(data_.size() - dim_);
     ++removed;
   }
@@ -85,11 +97,12 @@ bool FlatIndex::contains(int64_t id) const {
 
 std::vector<int64_t> FlatIndex::ids() const {
   std::shared_lock<std::shared_mutex> lk(mu_);
-  return ids_.row_ids();
+  return row_ids_;
 }
 
 void FlatIndex::write_body(Writer& w) const {
   w.section("VECS", data_.data(), data_.size() * sizeof(float));
+  w.section("IDS\0", row_ids_.data(), row_ids_.size() * sizeof(int64_t));
   ids_.write(w);
 }
 
@@ -103,7 +116,11 @@ std::unique_ptr<FlatIndex> FlatIndex::read_body(Reader& r, const FileHeader& h) 
                  std::to_string(r.remaining()) + " remain");
   idx->data_.resize(floats);
   r.section("VECS", idx->data_.data(), bytes);
-  idx->ids_.read(r, h.count);
+  idx->row_ids_ = read_ids(r, h.count);
+  idx->ids_.read(r);
+  std::vector<int64_t> rows(h.count);
+  for (size_t i = 0; i < rows.size(); ++i) rows[i] = static_cast<int64_t>(i);
+  idx->ids_.rebuild(idx->row_ids_.data(), rows.data(), h.count);
   return idx;
 }
 

@@ -27,13 +27,14 @@ class FlatIndex : public Index {
   static std::unique_ptr<FlatIndex> read_body(Reader& r, const FileHeader& h);
 
  protected:
-  size_t count() const override { return ids_.size(); }
+  size_t count() const override { return row_ids_.size(); }
   size_t bytes_used() const override;
   void write_body(Writer& w) const override;
 
  private:
-  std::vector<float> data_;
-  IdMap ids_;
+  std::vector<float> data_;      // row-major, one row per stored vector
+  std::vector<int64_t> row_ids_;  // user id of each row
+  IdMap ids_;                     // user id -> row
 };
 
 }  // namespace pyknn

@@ -91,98 +91,79 @@ void IdMap::check_new(const int64_t* ids, size_t n) const {
   }
 }
 
-void IdMap::append(const int64_t* ids, size_t n) {
-  const size_t old = row_ids_.size();
-  const int64_t old_next = next_default_;
+std::vector<int64_t> IdMap::new_ids(const int64_t* ids, size_t n) const {
+  std::vector<int64_t> out(n);
+  for (size_t i = 0; i < n; ++i) out[i] = ids ? ids[i] : next_default_ + static_cast<int64_t>(i);
+  return out;
+}
+
+void IdMap::insert(const int64_t* ids, const int64_t* locations, size_t n) {
+  size_t done = 0;
   try {
-    row_ids_.reserve(old + n);
-    map_.reserve(old + n);
-    for (size_t i = 0; i < n; ++i) {
-      const int64_t id = ids ? ids[i] : next_default_ + static_cast<int64_t>(i);
-      row_ids_.push_back(id);
-      map_.emplace(id, static_cast<int64_t>(old + i));
-    }
+    map_.reserve(map_.size() + n);
+    for (; done < n; ++done) map_.emplace(ids[done], locations[done]);
   } catch (...) {
-    for (size_t i = old; i < row_ids_.size(); ++i) map_.erase(row_ids_[i]);
-    row_ids_.resize(old);
-    next_default_ = old_next;
+    for (size_t i = 0; i < done; ++i) map_.erase(ids[i]);
     throw;
   }
-  if (!ids) {
-    next_default_ += static_cast<int64_t>(n);
-  } else {
-    for (size_t i = 0; i < n; ++i)
-      if (ids[i] >= next_default_ && ids[i] < INT64_MAX) next_default_ = ids[i] + 1;
-  }
+  for (size_t i = 0; i < n; ++i)
+    if (ids[i] >= next_default_ && ids[i] < INT64_MAX) next_default_ = ids[i] + 1;
 }
 
-std::vector<int64_t> IdMap::rows_of(const int64_t* ids, size_t n, bool missing_ok) const {
-  std::vector<int64_t> rows(n);
+std::vector<int64_t> IdMap::locations_of(const int64_t* ids, size_t n, bool missing_ok) const {
+  std::vector<int64_t> loc(n);
   for (size_t i = 0; i < n; ++i) {
-    rows[i] = find(ids[i]);
-    if (rows[i] < 0 && !missing_ok)
+    loc[i] = find(ids[i]);
+    if (loc[i] < 0 && !missing_ok)
       throw_key("id " + std::to_string(ids[i]) + " is not in the index");
   }
-  return rows;
+  return loc;
 }
 
-void IdMap::remove_swap(size_t row) {
-  const size_t last = row_ids_.size() - 1;
-  map_.erase(row_ids_[row]);
-  if (row != last) {
-    row_ids_[row] = row_ids_[last];
-    map_[row_ids_[row]] = static_cast<int64_t>(row);
+size_t IdMap::memory_usage() const {
+  // Hash map nodes (key, value, next pointer, cached hash) and buckets.
+  return map_.size() * 32 + map_.bucket_count() * sizeof(void*);
+}
+
+void IdMap::write(Writer& w) const { w.section("NXID", &next_default_, sizeof next_default_); }
+
+void IdMap::read(Reader& r) { r.section("NXID", &next_default_, sizeof next_default_); }
+
+void IdMap::rebuild(const int64_t* ids, const int64_t* locations, size_t n) {
+  map_.clear();
+  map_.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (ids[i] == -1 || !map_.emplace(ids[i], locations[i]).second)
+      throw_format("corrupted index file: invalid or repeated id " + std::to_string(ids[i]));
   }
-  row_ids_.pop_back();
 }
 
-std::vector<uint8_t> IdMap::filter_mask(const Filter& f) const {
+std::vector<uint8_t> filter_mask(const Filter& f, const IdMap& ids, size_t n) {
   std::vector<uint8_t> mask;
   if (f.mask) {
-    if (f.mask_len != size())
+    if (f.mask_len != n)
       throw_value("filter mask has " + std::to_string(f.mask_len) + " entries, expected one per "
-                  "stored vector (" + std::to_string(size()) + ")");
+                  "stored vector (" + std::to_string(n) + ")");
     mask.assign(f.mask, f.mask + f.mask_len);
     for (auto& m : mask) m = m != 0;
   } else {
-    mask.assign(size(), 0);
+    mask.assign(n, 0);
     for (size_t i = 0; i < f.n_ids; ++i) {
-      int64_t row = find(f.ids[i]);
-      if (row >= 0) mask[static_cast<size_t>(row)] = 1;
+      const int64_t pos = ids.find(f.ids[i]);
+      if (pos >= 0) mask[static_cast<size_t>(pos)] = 1;
     }
   }
   return mask;
 }
 
-size_t IdMap::memory_usage() const {
-  // Vector of ids plus the hash map's nodes (key, value, next pointer, cached hash) and buckets.
-  return row_ids_.capacity() * sizeof(int64_t) + map_.size() * 32 +
-         map_.bucket_count() * sizeof(void*);
-}
-
-void IdMap::write(Writer& w) const {
-  w.section("IDS\0", row_ids_.data(), row_ids_.size() * sizeof(int64_t));
-  w.section("NXID", &next_default_, sizeof next_default_);
-}
-
-void IdMap::read(Reader& r, uint64_t count) {
+std::vector<int64_t> read_ids(Reader& r, uint64_t count) {
   const uint64_t bytes = checked_mul(count, sizeof(int64_t), "id section");
   if (bytes > r.remaining())
     throw_format("truncated index file: " + std::to_string(count) + " ids need " +
                  std::to_string(bytes) + " bytes, " + std::to_string(r.remaining()) + " remain");
-  row_ids_.resize(count);
-  r.section("IDS\0", row_ids_.data(), bytes);
-  r.section("NXID", &next_default_, sizeof next_default_);
-  rebuild_map();
-}
-
-void IdMap::rebuild_map() {
-  map_.clear();
-  map_.reserve(row_ids_.size());
-  for (size_t i = 0; i < row_ids_.size(); ++i) {
-    if (row_ids_[i] == -1 || !map_.emplace(row_ids_[i], static_cast<int64_t>(i)).second)
-      throw_format("corrupted index file: invalid or repeated id " + std::to_string(row_ids_[i]));
-  }
+  std::vector<int64_t> ids(count);
+  r.section("IDS\0", ids.data(), bytes);
+  return ids;
 }
 
 // ---- Index ----------------------------------------------------------------------------------

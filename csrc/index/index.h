@@ -33,38 +33,43 @@ struct Filter {
   bool active() const { return ids != nullptr || mask != nullptr; }
 };
 
-// User ids (int64, -1 reserved) for the rows 0..n-1 of an index. Memory grows with the number of
-// ids, never with their values.
+// User ids (int64, -1 reserved) and where each one is stored (a row, or a list and offset: the
+// index decides). Memory grows with the number of ids, never with their values.
 class IdMap {
  public:
-  size_t size() const { return row_ids_.size(); }
-  int64_t id_at(size_t row) const { return row_ids_[row]; }
-  const std::vector<int64_t>& row_ids() const { return row_ids_; }
-  // Row of `id`, or -1.
+  size_t size() const { return map_.size(); }
+  // Location of `id`, or -1.
   int64_t find(int64_t id) const;
-  // Throws ValueError unless all n ids could be appended (not -1, not repeated, not present).
+  // Throws ValueError unless all n ids could be added (not -1, not repeated, not present).
   void check_new(const int64_t* ids, size_t n) const;
-  // Appends checked ids, or the next n default ids (continuing after every id seen) if ids is null.
-  // Strong guarantee: on failure (memory) the map is unchanged.
-  void append(const int64_t* ids, size_t n);
-  // Rows of the given ids; throws KeyError naming the first unknown id unless missing_ok, in which
-  // case unknown ids get row -1.
-  std::vector<int64_t> rows_of(const int64_t* ids, size_t n, bool missing_ok) const;
-  // Removes `row` by moving the last row into its place (the caller moves the data the same way).
-  void remove_swap(size_t row);
-  // A mask over rows from a filter (ids not present are ignored); throws on a wrong mask length.
-  std::vector<uint8_t> filter_mask(const Filter& f) const;
+  // The ids to add: a copy of `ids`, or the next n default ids (continuing after every id seen).
+  std::vector<int64_t> new_ids(const int64_t* ids, size_t n) const;
+  // Records checked ids at their locations. Strong guarantee: on failure nothing changes.
+  void insert(const int64_t* ids, const int64_t* locations, size_t n);
+  void relocate(int64_t id, int64_t location) { map_[id] = location; }
+  void erase(int64_t id) { map_.erase(id); }
+  // Locations of the given ids; throws KeyError naming the first unknown id unless missing_ok,
+  // in which case unknown ids get -1.
+  std::vector<int64_t> locations_of(const int64_t* ids, size_t n, bool missing_ok) const;
   size_t memory_usage() const;
 
+  // Persistence: the ids themselves are stored by the index (in its own order); these write the
+  // default-id counter and rebuild the map from (id, location) pairs read back.
   void write(Writer& w) const;
-  void read(Reader& r, uint64_t count);
+  void read(Reader& r);
+  void rebuild(const int64_t* ids, const int64_t* locations, size_t n);
 
  private:
-  void rebuild_map();
-  std::vector<int64_t> row_ids_;
   std::unordered_map<int64_t, int64_t> map_;
   int64_t next_default_ = 0;
 };
+
+// A 0/1 mask over n stored positions from a filter: a mask is checked for length and copied; an
+// allow-list marks the positions of the ids present (others are ignored).
+std::vector<uint8_t> filter_mask(const Filter& f, const IdMap& ids, size_t n);
+
+// Reads an id section of `count` ids after checking it fits in the remaining input.
+std::vector<int64_t> read_ids(Reader& r, uint64_t count);
 
 class Index {
  public:

@@ -7,10 +7,10 @@ import numpy as np
 
 from . import _core
 from ._validation import (as_filter, as_ids, as_matrix, check_dim, check_k, check_metric,
-                          is_scalar_id)
+                          check_positive_int, is_scalar_id)
 from ._version import __version__
 
-__all__ = ["FlatIndex", "load"]
+__all__ = ["FlatIndex", "IVFFlatIndex", "load"]
 
 
 class _Index:
@@ -71,6 +71,52 @@ class _Index:
     def __repr__(self):
         return f"{type(self).__name__}(dim={self.dim}, metric={self.metric!r}, ntotal={len(self)})"
 
+    # -- storage by id ---------------------------------------------------------------------
+    def add(self, x, ids=None) -> None:
+        """Add vectors.
+
+        Parameters
+        ----------
+        x : array-like, shape (n, dim) or (dim,)
+        ids : array-like of n int64, optional
+            User ids. Default: consecutive integers continuing after the largest id seen so far
+            (0, 1, 2 ... for a new index). -1 is reserved; ids already present are rejected.
+        """
+        x = as_matrix(x, self.dim, "vectors")
+        if ids is not None:
+            ids = as_ids(ids, x.shape[0])
+        self._core.add(x, ids)
+
+    def get(self, ids):
+        """Return the stored vectors of ``ids``: (n, dim) for a sequence, (dim,) for one id.
+
+        Raises KeyError naming the first unknown id. Under cosine these are unit vectors.
+        """
+        if is_scalar_id(ids):
+            return self._core.get(as_ids(ids))[0]
+        return self._core.get(as_ids(ids))
+
+    def remove(self, ids, missing_ok: bool = False) -> int:
+        """Remove the vectors of ``ids``; returns how many were removed.
+
+        Unknown ids raise KeyError (and nothing is removed) unless ``missing_ok`` is True.
+        Removal moves the last stored vector into the freed row, so :attr:`ids` order changes.
+        """
+        return self._core.remove(as_ids(ids), bool(missing_ok))
+
+    def contains(self, id) -> bool:
+        """Whether ``id`` is stored."""
+        if not is_scalar_id(id):
+            raise TypeError(f"id must be an integer, got {type(id).__name__}")
+        return self._core.contains(int(id))
+
+    __contains__ = contains
+
+    @property
+    def ids(self):
+        """The stored ids, in row order (the order a boolean ``filter`` refers to)."""
+        return self._core.ids()
+
     # -- persistence -----------------------------------------------------------------------
     def _sync_metadata(self):
         try:
@@ -118,21 +164,6 @@ class FlatIndex(_Index):
     def __init__(self, dim: int, metric: str = "ip"):
         self._init_core(_core.FlatIndex(check_dim(dim), check_metric(metric)))
 
-    def add(self, x, ids=None) -> None:
-        """Add vectors.
-
-        Parameters
-        ----------
-        x : array-like, shape (n, dim) or (dim,)
-        ids : array-like of n int64, optional
-            User ids. Default: consecutive integers continuing after the largest id seen so far
-            (0, 1, 2 ... for a new index). -1 is reserved; ids already present are rejected.
-        """
-        x = as_matrix(x, self.dim, "vectors")
-        if ids is not None:
-            ids = as_ids(ids, x.shape[0])
-        self._core.add(x, ids)
-
     def search(self, q, k: int = 10, filter=None):
         """Find the k nearest stored vectors of each query.
 
@@ -158,38 +189,97 @@ class FlatIndex(_Index):
         fids, fmask = as_filter(filter, len(self))
         return self._core.search(q, k, fids, fmask)
 
-    def get(self, ids):
-        """Return the stored vectors of ``ids``: (n, dim) for a sequence, (dim,) for one id.
+class IVFFlatIndex(_Index):
+    """Inverted-file index: k-means cells, full-precision vectors, search over the nearest cells.
 
-        Raises KeyError naming the first unknown id. Under cosine these are unit vectors.
-        """
-        if is_scalar_id(ids):
-            return self._core.get(as_ids(ids))[0]
-        return self._core.get(as_ids(ids))
+    Parameters
+    ----------
+    dim : int
+        Number of dimensions of the vectors.
+    nlist : int
+        Number of k-means cells (centroids). About sqrt(n) to 4 sqrt(n) for n vectors.
+    metric : "ip" | "l2" | "cosine"
+        As for :class:`FlatIndex`. For "ip" and "cosine" the cells come from spherical k-means and
+        queries probe the cells with the largest inner product.
+    nprobe : int
+        Default number of cells a search scans (more: higher recall, slower). Clamped to nlist.
 
-    def remove(self, ids, missing_ok: bool = False) -> int:
-        """Remove the vectors of ``ids``; returns how many were removed.
+    Call :meth:`train` (k-means on a representative sample, at least nlist vectors) before
+    :meth:`add` and :meth:`search`.
+    """
 
-        Unknown ids raise KeyError (and nothing is removed) unless ``missing_ok`` is True.
-        Removal moves the last stored vector into the freed row, so :attr:`ids` order changes.
-        """
-        return self._core.remove(as_ids(ids), bool(missing_ok))
-
-    def contains(self, id) -> bool:
-        """Whether ``id`` is stored."""
-        if not is_scalar_id(id):
-            raise TypeError(f"id must be an integer, got {type(id).__name__}")
-        return self._core.contains(int(id))
-
-    __contains__ = contains
+    def __init__(self, dim: int, nlist: int = 1024, metric: str = "ip", nprobe: int = 8):
+        nlist = check_positive_int(nlist, "nlist")
+        self._init_core(_core.IVFFlatIndex(check_dim(dim), check_metric(metric), nlist))
+        self.nprobe = nprobe
 
     @property
-    def ids(self):
-        """The stored ids, in row order (the order a boolean ``filter`` refers to)."""
-        return self._core.ids()
+    def nlist(self) -> int:
+        """Number of cells."""
+        return self._core.nlist
+
+    @property
+    def nprobe(self) -> int:
+        """Default number of cells scanned by :meth:`search`."""
+        return self._metadata["nprobe"]
+
+    @nprobe.setter
+    def nprobe(self, value):
+        self._metadata["nprobe"] = check_positive_int(value, "nprobe")
+
+    @property
+    def is_trained(self) -> bool:
+        """Whether :meth:`train` has run."""
+        return self._core.is_trained
+
+    def train(self, x, n_iter: int = 10, seed: int = 0):
+        """Learn the nlist cells with k-means on x (n >= nlist rows); returns self.
+
+        n_iter is the number of k-means iterations (10, as FAISS uses for its IVF quantisers). Only
+        allowed while the index holds no vectors. Training sets larger than 256 * nlist are
+        subsampled (seeded), as FAISS does.
+        """
+        x = as_matrix(x, self.dim, "training vectors")
+        n_iter = check_positive_int(n_iter, "n_iter")
+        seed = check_positive_int(seed, "seed", minimum=0)
+        self._core.train(x, n_iter, seed)
+        return self
+
+    def search(self, q, k: int = 10, nprobe=None, filter=None):
+        """Find the k nearest vectors of each query among the nprobe nearest cells.
+
+        Parameters
+        ----------
+        q : array-like, shape (nq, dim) or (dim,)
+        k : int >= 1
+        nprobe : int, optional
+            Cells to scan (default: :attr:`nprobe`); clamped to nlist. nprobe = nlist is exact.
+        filter : array-like, optional
+            Allow-list of ids, or a boolean mask over stored vectors in the order of :attr:`ids`.
+
+        Returns (distances, ids) as :meth:`FlatIndex.search` does.
+        """
+        q = as_matrix(q, self.dim, "queries")
+        k = check_k(k)
+        nprobe = self.nprobe if nprobe is None else check_positive_int(nprobe, "nprobe")
+        fids, fmask = as_filter(filter, len(self))
+        return self._core.search(q, k, nprobe, fids, fmask)
+
+    @property
+    def centroids(self):
+        """The cells' centroids, float32 (nlist, dim); empty before training."""
+        return self._core.centroids()
+
+    def list_sizes(self):
+        """Number of vectors in each cell (int64 array of nlist)."""
+        return self._core.list_sizes()
+
+    def __repr__(self):
+        return (f"IVFFlatIndex(dim={self.dim}, nlist={self.nlist}, metric={self.metric!r}, "
+                f"nprobe={self.nprobe}, ntotal={len(self)}, trained={self.is_trained})")
 
 
-_KINDS = {1: FlatIndex}
+_KINDS = {1: FlatIndex, 2: IVFFlatIndex}
 
 
 def _wrap(core):

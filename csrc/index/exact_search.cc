@@ -28,17 +28,6 @@ size_t block_rows(const simd::Kernels& K, size_t d) {
   return std::min<size_t>(std::max(nb, nr), 2048);
 }
 
-// The expanded form ||q||^2 + ||x||^2 - 2<q,x> can be off by about gamma * (||q||^2 + ||x||^2)
-// in float32 (Higham's bound for length-d sums, for each of the three terms, plus the final
-// additions). It is only used to discard rows that certainly cannot enter the top k; every
-// survivor is re-scored as a sum of squared differences.
-double l2_error_factor(size_t d) {
-  const double u = std::ldexp(1.0, -24);
-  const double du = std::min(0.5, static_cast<double>(d + 2) * u);
-  const double gamma_d = du / (1.0 - du);
-  return 2.0 * gamma_d + 16.0 * u;
-}
-
 struct Plan {
   size_t splits_rows;     // S: contiguous row ranges
   size_t splits_queries;  // C: query chunks per batch
@@ -77,46 +66,7 @@ struct Batch {
   void save(size_t split, size_t qi, const TopK& h) { heap_sizes[split * nqb + qi] = h.size; }
 
   void run_task(size_t task);
-  void scan_ip(TopK& h, const float* s, size_t nb, size_t row0, uint32_t* idx) const;
-  void scan_l2(TopK& h, const float* ip, const float* xn, size_t nb, size_t row0, size_t qi,
-               float* t, uint32_t* idx) const;
 };
-
-// Pushes the scores of one query against rows row0.. (already final scores).
-void Batch::scan_ip(TopK& h, const float* s, size_t nb, size_t row0, uint32_t* idx) const {
-  const uint8_t* mask = in->mask;
-  size_t c = K->select_ge(s, nb, h.threshold(), idx);
-  for (size_t j = 0; j < c; ++j) {
-    const size_t row = row0 + idx[j];
-    if (mask && !mask[row]) continue;
-    h.push(s[idx[j]], static_cast<int64_t>(row));
-  }
-}
-
-// L2 from inner products: screens with the expanded form and its error bound, then re-scores the
-// survivors exactly. t is scratch of nb floats.
-void Batch::scan_l2(TopK& h, const float* ip, const float* xn, size_t nb, size_t row0, size_t qi,
-                    float* t, uint32_t* idx) const {
-  const float keep = static_cast<float>(1.0 - gamma);
-  const float slack = static_cast<float>(1.0 + gamma);
-  // Row j can enter only if qn + xn - 2ip - gamma (qn + xn) <= D_k (+ slack), i.e.
-  // 2ip - (1 - gamma) xn >= (1 - gamma) qn - D_k.
-  for (size_t j = 0; j < nb; ++j) t[j] = 2.0f * ip[j] - keep * xn[j];
-  const float qnorm = qn[qi];
-  const float* qv = q + qi * in->d;
-  const uint8_t* mask = in->mask;
-  float bound = keep * qnorm + h.threshold() * slack;
-  size_t c = K->select_ge(t, nb, bound, idx);
-  for (size_t j = 0; j < c; ++j) {
-    const size_t jj = idx[j];
-    if (!(t[jj] >= bound)) continue;  // the bound tightened since the selection
-    const size_t row = row0 + jj;
-    if (mask && !mask[row]) continue;
-    const float dist = K->l2sq(qv, in->x + row * in->d, in->d);
-    h.push(-dist, static_cast<int64_t>(row));
-    bound = keep * qnorm + h.threshold() * slack;
-  }
-}
 
 void Batch::run_task(size_t task) {
   const size_t S = plan.splits_rows, C = plan.splits_queries;
@@ -129,6 +79,7 @@ void Batch::run_task(size_t task) {
   const size_t q_begin = nqb * chunk / C, q_end = nqb * (chunk + 1) / C;
   if (r_begin >= r_end || q_begin >= q_end) return;
   const size_t nbr = (nb + K->nr - 1) / K->nr * K->nr;
+  const ScoreScan scan{K, d, gamma};
 
   std::vector<uint32_t> idx(nbr);
   std::vector<float> xn(nbr), t(nbr);
@@ -142,6 +93,8 @@ void Batch::run_task(size_t task) {
     for (size_t r0 = r_begin; r0 < r_end; r0 += nb) {
       const size_t m = std::min(nb, r_end - r0);
       const float* xb = in->x + r0 * d;
+      const int64_t row0 = static_cast<int64_t>(r0);
+      const uint8_t* mask = in->mask ? in->mask + r0 : nullptr;
       K->pack(xb, m, d, packed.data());
       if (in->l2) K->norms_sq(xb, m, d, xn.data());
       for (size_t qt = q_begin; qt < q_end; qt += kQueryTile) {
@@ -150,9 +103,10 @@ void Batch::run_task(size_t task) {
         for (size_t i = 0; i < mq; ++i) {
           TopK& h = heaps[qt + i - q_begin];
           if (in->l2)
-            scan_l2(h, tile.data() + i * nbr, xn.data(), m, r0, qt + i, t.data(), idx.data());
+            scan.l2(h, tile.data() + i * nbr, xn.data(), xb, m, row0, mask, q + (qt + i) * d,
+                    qn[qt + i], t.data(), idx.data());
           else
-            scan_ip(h, tile.data() + i * nbr, m, r0, idx.data());
+            scan.ip(h, tile.data() + i * nbr, m, row0, mask, idx.data());
         }
       }
     }
@@ -161,6 +115,8 @@ void Batch::run_task(size_t task) {
     for (size_t r0 = r_begin; r0 < r_end; r0 += nb) {
       const size_t m = std::min(nb, r_end - r0);
       const float* xb = in->x + r0 * d;
+      const int64_t row0 = static_cast<int64_t>(r0);
+      const uint8_t* mask = in->mask ? in->mask + r0 : nullptr;
       for (size_t qi = q_begin; qi < q_end; ++qi) {
         TopK& h = heaps[qi - q_begin];
         if (in->l2) {
@@ -169,7 +125,7 @@ void Batch::run_task(size_t task) {
         } else {
           K->dot_many(q + qi * d, xb, m, d, s.data());
         }
-        scan_ip(h, s.data(), m, r0, idx.data());
+        scan.ip(h, s.data(), m, row0, mask, idx.data());
       }
     }
   }
@@ -205,6 +161,47 @@ bool search_compacted(const ExactSearchInput& in, const float* q, size_t nq, siz
 }
 
 }  // namespace
+
+// The expanded form ||q||^2 + ||x||^2 - 2<q,x> can be off by about gamma * (||q||^2 + ||x||^2)
+// in float32 (Higham's bound for length-d sums, for each of the three terms, plus the final
+// additions). It is only used to discard rows that certainly cannot enter the top k; every
+// survivor is re-scored as a sum of squared differences.
+double l2_error_factor(size_t d) {
+  const double u = std::ldexp(1.0, -24);
+  const double du = std::min(0.5, static_cast<double>(d + 2) * u);
+  const double gamma_d = du / (1.0 - du);
+  return 2.0 * gamma_d + 16.0 * u;
+}
+
+void ScoreScan::ip(TopK& h, const float* s, size_t m, int64_t row0, const uint8_t* mask,
+                   uint32_t* idx) const {
+  const size_t c = K->select_ge(s, m, h.threshold(), idx);
+  for (size_t j = 0; j < c; ++j) {
+    const uint32_t o = idx[j];
+    if (mask && !mask[o]) continue;
+    h.push(s[o], row0 + o);
+  }
+}
+
+void ScoreScan::l2(TopK& h, const float* ip, const float* xn, const float* x, size_t m,
+                   int64_t row0, const uint8_t* mask, const float* qv, float qn, float* t,
+                   uint32_t* idx) const {
+  const float keep = static_cast<float>(1.0 - gamma);
+  const float slack = static_cast<float>(1.0 + gamma);
+  // Row j can enter only if qn + xn - 2ip - gamma (qn + xn) <= D_k (+ slack), i.e.
+  // 2ip - (1 - gamma) xn >= (1 - gamma) qn - D_k.
+  for (size_t j = 0; j < m; ++j) t[j] = 2.0f * ip[j] - keep * xn[j];
+  float bound = keep * qn + h.threshold() * slack;
+  const size_t c = K->select_ge(t, m, bound, idx);
+  for (size_t j = 0; j < c; ++j) {
+    const uint32_t o = idx[j];
+    if (!(t[o] >= bound)) continue;  // the bound tightened since the selection
+    if (mask && !mask[o]) continue;
+    const float dist = K->l2sq(qv, x + static_cast<size_t>(o) * d, d);
+    h.push(-dist, row0 + o);
+    bound = keep * qn + h.threshold() * slack;
+  }
+}
 
 void exact_knn(const ExactSearchInput& in, const float* q, size_t nq, size_t k, float* scores,
                int64_t* rows) {

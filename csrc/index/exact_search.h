@@ -4,6 +4,9 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common/topk.h"
+#include "simd/dispatch.h"
+
 namespace pyknn {
 
 struct ExactSearchInput {
@@ -21,5 +24,26 @@ struct ExactSearchInput {
 // Missing results are padded with row -1 and score -inf. Runs on the thread pool.
 void exact_knn(const ExactSearchInput& in, const float* q, size_t nq, size_t k, float* scores,
                int64_t* rows);
+
+// Relative error bound of the expanded L2 form in float32 for dimension d (see the .cc file).
+double l2_error_factor(size_t d);
+
+// Moves the candidates of one query's scores against m consecutive rows into its heap: the rows
+// row0 .. row0 + m - 1, skipping j where mask[j] == 0 (mask may be null). idx and t are scratch
+// of m entries. Shared by exact search and the scans of the IVF indexes.
+struct ScoreScan {
+  const simd::Kernels* K;
+  size_t d;
+  double gamma;  // l2_error_factor(d)
+
+  // s: final scores, larger is better.
+  void ip(TopK& h, const float* s, size_t m, int64_t row0, const uint8_t* mask,
+          uint32_t* idx) const;
+  // ip: inner products with the m rows x (row-major), xn: their squared norms, qv/qn: the query
+  // and its squared norm. Screens with the expanded form and its error bound, then pushes the
+  // survivors' exact squared distances, negated.
+  void l2(TopK& h, const float* ip, const float* xn, const float* x, size_t m, int64_t row0,
+          const uint8_t* mask, const float* qv, float qn, float* t, uint32_t* idx) const;
+};
 
 }  // namespace pyknn

@@ -29,7 +29,7 @@ inline size_t len_checked(const IdArray& ids, size_t expected, const char* what)
   return expected;
 }
 
-void bind_flat(py::module_& m);
+void bind_indexes(py::module_& m);
 void bind_kmeans(py::module_& m);
 
 }  // namespace pyknn

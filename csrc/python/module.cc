@@ -117,6 +117,6 @@ PYBIND11_MODULE(_core, m) {
   m.def("num_threads", &num_threads);
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
   bind_kernel_hooks(m);
-  bind_flat(m);
+  bind_indexes(m);
   bind_kmeans(m);
 }

@@ -21,6 +21,9 @@ constexpr size_t kGroupedMinQueries = 8;
 constexpr size_t kGemmMinQueries = 4;
 // Queries per matrix-product call.
 constexpr size_t kQueryTile = 64;
+// Multiply-adds below which one query's probes are not split over threads (waking a thread
+// costs about as much as scanning this much memory).
+constexpr double kMinSplitWork = 2e6;
 }  // namespace
 
 IVFFlatIndex::IVFFlatIndex(size_t dim, Metric metric, size_t nlist)
@@ -231,7 +234,10 @@ void IVFFlatIndex::search(const float* q, size_t nq, size_t k, size_t nprobe, co
 
   if (nq < kGroupedMinQueries) {
     // One query at a time: dot products of the query with each probed list.
-    alloc_heaps(nq >= threads ? 1 : std::min(nprobe, (threads + nq - 1) / nq));
+    // Splitting a query's probes over threads pays only when there is enough to scan.
+    const double to_scan = static_cast<double>(nq) * nprobe * ntotal_ / nlist_;
+    const bool split = nq < threads && to_scan * dim_ >= kMinSplitWork;
+    alloc_heaps(split ? std::min(nprobe, (threads + nq - 1) / nq) : 1);
     parallel_for(nq * parts, [&](size_t task) {
       const size_t part = task % parts, qi = task / parts;
       std::vector<float> s(max_list);

@@ -1,0 +1,732 @@
+"""The benchmark runner behind ``pyknn bench`` and ``benchmarks/compare.py``, as a library.
+
+An :class:`IndexSpec` says how to build one kind of index and which search settings to sweep.
+Specs live in a registry; adding an index type to every benchmark is one :func:`register` call::
+
+    register(IndexSpec(
+        name="IVFFlatIndex", family="IVF-Flat", params={"nlist": 1024},
+        build=build_ivf_flat,                    # (data, threads, nlist) -> index
+        settings=[{"nprobe": p} for p in (1, 2, 4, 8, 16, 32, 64)]))
+
+:func:`run` builds every selected index once, then for each search setting measures batch QPS,
+single-query latency and quality (recall@k against exact ground truth, NDCG@10 / MRR@10 against
+judged relevance). Results are plain JSON-serialisable dicts, rendered by :func:`format_table`,
+:func:`format_markdown` and :func:`plot`.
+
+Peers (faiss, hnswlib, usearch) are registered with ``library`` set to their package; they
+take part only when asked for (``compare=True``), are imported only when built, and are skipped
+with a note when not installed.
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import importlib
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import _simd
+from ._version import __version__
+from .evaluation import ground_truth, mrr_at_k, ndcg_at_k, recall_at_k
+from .indexes import FlatIndex
+
+__all__ = [
+    "BenchData", "IndexSpec", "register", "registered_specs", "get_spec", "select_specs",
+    "prepare", "run", "format_table", "format_markdown", "qps_ratios", "plot", "cpu_model",
+    "default_threads", "RANK_CUTOFF",
+]
+
+#: Cut-off of NDCG and MRR (judged relevance), whatever the k of the search.
+RANK_CUTOFF = 10
+#: Share of the CPUs used by other processes above which the report warns.
+BACKGROUND_LOAD_WARNING = 0.05
+#: Queries of the single-query warm-up (before the latency measurement).
+_LATENCY_WARMUP = 10
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class BenchData:
+    """A dataset ready to benchmark: float32 C-contiguous vectors and the judgements.
+
+    Made by :func:`prepare`; every index is built and searched from these same arrays.
+    """
+
+    name: str
+    metric: str
+    base: np.ndarray
+    queries: np.ndarray
+    gt_ids: np.ndarray
+    qrels: Optional[np.ndarray] = None
+
+    @property
+    def n(self) -> int:
+        """Number of base vectors."""
+        return int(self.base.shape[0])
+
+    @property
+    def dim(self) -> int:
+        """Vector dimension."""
+        return int(self.base.shape[1])
+
+    @property
+    def nq(self) -> int:
+        """Number of queries."""
+        return int(self.queries.shape[0])
+
+
+def prepare(dataset, n_queries: Optional[int] = None, k: int = 10, progress=True) -> BenchData:
+    """Turn a :class:`pyknn.datasets.Dataset` into :class:`BenchData`.
+
+    Vectors are converted to float32 once, here. ``n_queries`` keeps the first queries (and
+    their judgements). If the dataset has no ground truth, or fewer than ``k`` neighbours per
+    query, the exact top-k is computed with :func:`pyknn.evaluation.ground_truth` (float64
+    numpy, independent of the indexes).
+    """
+    nq = dataset.queries.shape[0] if n_queries is None else min(int(n_queries), dataset.queries.shape[0])
+    if nq < 1:
+        raise ValueError("the benchmark needs at least one query")
+    base = np.ascontiguousarray(dataset.base, dtype=np.float32)
+    queries = np.ascontiguousarray(dataset.queries[:nq], dtype=np.float32)
+    gt = dataset.gt_ids
+    if gt is None or gt.shape[1] < min(k, base.shape[0]):
+        with _step(progress, f"computing exact ground truth (top {k})"):
+            gt = ground_truth(base, queries, k, dataset.metric)[1]
+    qrels = None if dataset.qrels is None else dataset.qrels[:nq]
+    return BenchData(name=dataset.name, metric=dataset.metric, base=base, queries=queries,
+                     gt_ids=gt[:nq], qrels=qrels)
+
+
+# --------------------------------------------------------------------------- specs
+def _pyknn_search(index, queries, k, threads, **setting):
+    return index.search(queries, k, **setting)[1]
+
+
+def _pyknn_memory(index, data):
+    return index.memory_usage()
+
+
+@dataclass(frozen=True, eq=False)
+class IndexSpec:
+    """How to build and search one kind of index in a benchmark.
+
+    Parameters
+    ----------
+    name : str
+        Unique row label, e.g. "FlatIndex" or "faiss IndexFlatIP" (peers carry their library).
+    family : str
+        What it is comparable with: rows of one family (e.g. "Flat", "HNSW") are compared,
+        and pyknn's QPS is divided by each peer's of the same family.
+    build : callable (data, threads, **params) -> index
+        Builds the index from :class:`BenchData` using ``threads`` threads (it sets its
+        library's thread count). Timed as the build.
+    params : mapping
+        Constructor parameters, passed to ``build`` and shown in the table.
+    settings : sequence of mappings
+        The search-parameter sweep (e.g. ``[{"nprobe": 1}, {"nprobe": 4}, ...]``); one row each.
+    search : callable (index, queries, k, threads, **setting) -> ids
+        Returns int64 ids (nq, k), best first. Default: ``index.search(queries, k, **setting)``.
+    library : str
+        "pyknn" or the peer's package name.
+    metrics : tuple of str
+        Metrics it supports; it is left out (with a note) for others.
+    requires : str, optional
+        Module that must import for the spec to run (peers); missing means skipped with a note.
+    install : str, optional
+        What to ``pip install`` for ``requires``.
+    memory : callable (index, data) -> int or None
+        Bytes held by the index (None: unknown).
+    memory_note : str
+        How ``memory`` counts, shown under the table for estimates.
+    """
+
+    name: str
+    family: str
+    build: Callable[..., Any]
+    params: Mapping[str, Any] = field(default_factory=dict)
+    settings: Sequence[Mapping[str, Any]] = field(default_factory=lambda: ({},))
+    search: Callable[..., np.ndarray] = _pyknn_search
+    library: str = "pyknn"
+    metrics: Tuple[str, ...] = ("ip", "l2", "cosine")
+    requires: Optional[str] = None
+    install: Optional[str] = None
+    memory: Callable[[Any, BenchData], Optional[int]] = _pyknn_memory
+    memory_note: str = ""
+
+    @property
+    def peer(self) -> bool:
+        """Whether this is another library's index (a comparison), not pyknn's."""
+        return self.library != "pyknn"
+
+    def build_index(self, data: BenchData, threads: int):
+        """Build the index of this spec from ``data`` with ``threads`` threads."""
+        return self.build(data, threads, **self.params)
+
+
+_SPECS: Dict[str, IndexSpec] = {}
+
+
+def register(spec: IndexSpec, replace: bool = False) -> IndexSpec:
+    """Add ``spec`` to the registry (its name must be new unless ``replace``); returns it."""
+    key = spec.name.lower()
+    if key in _SPECS and not replace:
+        raise ValueError(f"an index spec named {spec.name!r} is already registered")
+    _SPECS[key] = spec
+    return spec
+
+
+def registered_specs() -> List[IndexSpec]:
+    """All registered specs, pyknn's first, in registration order."""
+    return sorted(_SPECS.values(), key=lambda s: s.peer)
+
+
+def get_spec(name: str) -> IndexSpec:
+    """The spec named ``name`` (case-insensitive); KeyError listing the names if unknown."""
+    try:
+        return _SPECS[name.lower()]
+    except KeyError:
+        raise KeyError(f"unknown index {name!r}; available: "
+                       f"{', '.join(s.name for s in registered_specs())}") from None
+
+
+def select_specs(names: Optional[Sequence[str]] = None, compare: bool = False,
+                 metric: Optional[str] = None) -> Tuple[List[IndexSpec], List[str]]:
+    """Choose the specs of a run; returns (specs, notes about what was left out).
+
+    ``names`` are spec names or family names (a family name selects pyknn's specs of that
+    family); None selects all of pyknn's. ``compare`` adds the peers of the selected families.
+    Specs that do not support ``metric`` are left out.
+    """
+    specs = registered_specs()
+    if not names:
+        chosen = [s for s in specs if not s.peer]
+    else:
+        chosen = []
+        families = sorted({s.family for s in specs})
+        for name in names:
+            if name.lower() in (f.lower() for f in families):
+                chosen += [s for s in specs if not s.peer and s.family.lower() == name.lower()]
+            else:
+                try:
+                    chosen.append(get_spec(name))
+                except KeyError as e:
+                    raise ValueError(f"{e.args[0]} (or a family: {', '.join(families)})") from None
+    if compare:
+        families = {s.family for s in chosen}
+        chosen += [s for s in specs if s.peer and s.family in families]
+    chosen = list(dict.fromkeys(chosen))  # keep order, drop repeats
+    notes = []
+    if metric is not None:
+        # Peers added by compare have a sibling for each metric (IndexFlatIP / IndexFlatL2):
+        # only a spec the user named is worth a note.
+        named = {n.lower() for n in names or ()}
+        notes = [f"skipping {s.name}: it does not support metric {metric!r}"
+                 for s in chosen if metric not in s.metrics and s.name.lower() in named]
+        chosen = [s for s in chosen if metric in s.metrics]
+    return chosen, notes
+
+
+def _build_flat(data, threads):
+    _simd.set_num_threads(threads)
+    index = FlatIndex(data.dim, data.metric)
+    index.add(data.base)
+    return index
+
+
+register(IndexSpec(name="FlatIndex", family="Flat", build=_build_flat))
+
+
+# --------------------------------------------------------------------------- peers
+# faiss: IndexFlatIP / IndexFlatL2; cosine is IP over normalised copies (as faiss documents).
+def _build_faiss_flat(data, threads):
+    import faiss
+    faiss.omp_set_num_threads(threads)
+    index = (faiss.IndexFlatL2 if data.metric == "l2" else faiss.IndexFlatIP)(data.dim)
+    base = data.base
+    if data.metric == "cosine":
+        base = base.copy()
+        faiss.normalize_L2(base)
+    index.add(base)
+    return index, data.metric == "cosine"
+
+
+def _search_faiss(built, queries, k, threads, **setting):
+    index, normalise = built
+    if normalise:
+        import faiss
+        queries = queries.copy()
+        faiss.normalize_L2(queries)
+    return index.search(queries, k, **setting)[1]
+
+
+def _faiss_memory(built, data):
+    return int(built[0].ntotal) * int(built[0].code_size)
+
+
+_FAISS = dict(family="Flat", library="faiss", requires="faiss", install="faiss-cpu",
+              build=_build_faiss_flat, search=_search_faiss, memory=_faiss_memory,
+              memory_note="ntotal * code_size (the stored float32 vectors; ids are implicit)")
+register(IndexSpec(name="faiss IndexFlatIP", metrics=("ip", "cosine"), **_FAISS))
+register(IndexSpec(name="faiss IndexFlatL2", metrics=("l2",), **_FAISS))
+
+
+def _build_hnswlib_bf(data, threads):
+    import hnswlib
+    index = hnswlib.BFIndex(space=data.metric, dim=data.dim)
+    index.init_index(max_elements=data.n)
+    index.set_num_threads(threads)
+    index.add_items(data.base)
+    return index
+
+
+def _search_hnswlib(index, queries, k, threads, **setting):
+    return index.knn_query(queries, k=k, num_threads=threads, **setting)[0].astype(np.int64)
+
+
+def _hnswlib_bf_memory(index, data):
+    # BruteforceSearch stores per element the float32 vector and an 8-byte label.
+    return index.get_max_elements() * (data.dim * 4 + 8)
+
+
+register(IndexSpec(
+    name="hnswlib BFIndex", family="Flat", library="hnswlib", requires="hnswlib",
+    install="hnswlib", build=_build_hnswlib_bf, search=_search_hnswlib, memory=_hnswlib_bf_memory,
+    memory_note="estimate: max_elements * (4 * dim + 8), vector + label; its label hash map is not counted"))
+
+
+# usearch exact search has no index: it scans the caller's array, which is all it holds.
+def _build_usearch_exact(data, threads):
+    from usearch.index import MetricKind
+    kind = {"ip": MetricKind.IP, "l2": MetricKind.L2sq, "cosine": MetricKind.Cos}[data.metric]
+    return {"base": data.base, "metric": kind}
+
+
+def _search_usearch_exact(index, queries, k, threads, **setting):
+    from usearch.index import search
+    m = search(index["base"], queries, k, index["metric"], exact=True, threads=threads, **setting)
+    # keys are uint64; a one-row query comes back 1-D.
+    return np.asarray(m.keys).astype(np.int64).reshape(queries.shape[0], -1)
+
+
+register(IndexSpec(
+    name="usearch exact", family="Flat", library="usearch", requires="usearch", install="usearch",
+    build=_build_usearch_exact, search=_search_usearch_exact,
+    memory=lambda index, data: index["base"].nbytes,
+    memory_note="the float32 array it scans (usearch.index.search(..., exact=True) keeps no index)"))
+
+
+# --------------------------------------------------------------------------- measurement
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (or the platform module where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip().lower() in ("model name", "hardware", "cpu model") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def default_threads() -> int:
+    """Cores this process may run on (the default thread count of a benchmark)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class _step:
+    """Context manager printing "what ... 1.2 s" to the progress stream (stderr by default)."""
+
+    def __init__(self, progress, what):
+        self.out = sys.stderr if progress is True else (progress or None)
+        self.what = what
+
+    def __enter__(self):
+        if self.out:
+            print(f"{self.what} ...", end="", file=self.out, flush=True)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.seconds = time.perf_counter() - self.t0
+        if self.out:
+            print(" failed" if exc_type else f" {self.seconds:.2f} s", file=self.out, flush=True)
+        return False
+
+
+def _note(progress, message):
+    out = sys.stderr if progress is True else (progress or None)
+    if out:
+        print(message, file=out, flush=True)
+
+
+class _BackgroundLoad:
+    """Share of all CPUs that other processes used while the block ran (None off Linux).
+
+    Busy time from /proc/stat minus this process's own CPU time: a benchmark that shares its
+    cores with other work measures that work too, and the report should say so.
+    """
+
+    def __enter__(self):
+        self.start = self._snapshot()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        end = self._snapshot()
+        self.share = None
+        if self.start is not None and end is not None:
+            wall, busy, own = (b - a for a, b in zip(self.start, end))
+            cpus = os.cpu_count() or 1
+            if wall > 0:
+                self.share = min(1.0, max(0.0, (busy - own) / (wall * cpus)))
+        return False
+
+    @staticmethod
+    def _snapshot():
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                fields = f.readline().split()
+        except OSError:
+            return None
+        # user nice system idle iowait irq softirq steal: all but idle and iowait are busy.
+        ticks = [int(x) for x in fields[1:9]]
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+        t = os.times()
+        return time.perf_counter(), busy, t.user + t.system
+
+
+def _batch_seconds(search, queries, repeats) -> Tuple[np.ndarray, float]:
+    """Ids of a warm-up call over all queries, and the best time of ``repeats`` more calls."""
+    ids = search(queries)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        search(queries)
+        best = min(best, time.perf_counter() - t0)
+    return ids, best
+
+
+def _latency_ms(search, queries, n) -> Optional[Tuple[float, float]]:
+    """p50 and p99 in ms of one-query calls over the first ``n`` queries (after a warm-up)."""
+    rows = [queries[i:i + 1] for i in range(min(n, queries.shape[0]))]
+    if not rows:
+        return None
+    for row in rows[:_LATENCY_WARMUP]:
+        search(row)
+    seconds = np.empty(len(rows))
+    for i, row in enumerate(rows):
+        t0 = time.perf_counter()
+        search(row)
+        seconds[i] = time.perf_counter() - t0
+    p50, p99 = np.percentile(seconds, [50, 99]) * 1e3
+    return float(p50), float(p99)
+
+
+def _finite(x):
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def run(data, specs: Optional[Sequence[IndexSpec]] = None, *, k: int = 10,
+        threads: Optional[int] = None, repeats: int = 3, single_queries: int = 200,
+        compare: bool = False, progress=True) -> List[dict]:
+    """Benchmark ``specs`` on ``data``; returns one dict per (spec, search setting).
+
+    Parameters
+    ----------
+    data : BenchData or pyknn.datasets.Dataset
+        A Dataset is passed through :func:`prepare` first (all its queries).
+    specs : sequence of IndexSpec, optional
+        Default: :func:`select_specs` (pyknn's specs, plus the peers if ``compare``).
+    k : int
+        Neighbours per query; recall@k is measured against the dataset's exact top-k.
+    threads : int, optional
+        Threads for every library (default: :func:`default_threads`).
+    repeats : int
+        Batch QPS is the best of this many calls with all queries, after one warm-up call.
+    single_queries : int
+        Latency is measured over one-query calls of the first this-many queries (0: skip).
+    progress : True, False or a text stream
+        Where progress messages go (True: stderr).
+
+    Each result has: index, library, family, params (constructor + search setting),
+    build_params, search_params, k, recall, ndcg and mrr (at :data:`RANK_CUTOFF`, None without
+    judgements), qps, batch_seconds, p50_ms, p99_ms, latency_queries, build_s, bytes_per_vec,
+    memory_note, background_load (share of the CPUs other processes used during the search
+    measurements; the table warns above :data:`BACKGROUND_LOAD_WARNING`), and the run's context: dataset, n, dim, nq, metric, threads, batch_size,
+    simd, pyknn_version, cpu. Missing values are None (JSON null).
+    """
+    if isinstance(k, bool) or int(k) < 1 or int(repeats) < 1 or int(single_queries) < 0:
+        raise ValueError("k and repeats must be at least 1, single_queries at least 0")
+    if not isinstance(data, BenchData):
+        data = prepare(data, k=k, progress=progress)
+    threads = default_threads() if threads is None else int(threads)
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    if specs is None:
+        specs, notes = select_specs(compare=compare, metric=data.metric)
+        for message in notes:
+            _note(progress, message)
+    context = {
+        "dataset": data.name, "n": data.n, "dim": data.dim, "nq": data.nq,
+        "metric": data.metric, "threads": threads, "batch_size": data.nq,
+        "simd": _simd.simd_level(), "pyknn_version": __version__, "cpu": cpu_model(),
+    }
+    results = []
+    previous_threads = _simd.num_threads()
+    try:
+        for spec in specs:
+            if spec.requires:
+                try:
+                    importlib.import_module(spec.requires)
+                except ImportError:
+                    _note(progress, f"skipping {spec.name}: {spec.requires} is not installed "
+                                    f"(pip install {spec.install or spec.requires})")
+                    continue
+            results += _run_spec(spec, data, k, threads, repeats, single_queries, progress, context)
+    finally:
+        _simd.set_num_threads(previous_threads)
+    return results
+
+
+def _run_spec(spec, data, k, threads, repeats, single_queries, progress, context):
+    with _step(progress, f"building {spec.name}") as built:
+        index = spec.build_index(data, threads)
+    memory = spec.memory(index, data)
+    rows = []
+    for setting in spec.settings:
+        params = {**spec.params, **setting}
+        label = " ".join([spec.name] + [f"{key}={value}" for key, value in params.items()])
+
+        def search(q, setting=setting):
+            return spec.search(index, q, k, threads, **setting)
+
+        with _step(progress, f"searching {label} ({data.nq} queries, best of {repeats})"), \
+                _BackgroundLoad() as load:
+            ids, seconds = _batch_seconds(search, data.queries, repeats)
+            latency = _latency_ms(search, data.queries, single_queries)
+        ndcg = mrr = None
+        if data.qrels is not None:
+            ndcg = ndcg_at_k(ids, data.qrels, RANK_CUTOFF)
+            mrr = mrr_at_k(ids, data.qrels, RANK_CUTOFF)
+        rows.append({
+            "index": spec.name, "library": spec.library, "family": spec.family,
+            "params": params, "build_params": dict(spec.params), "search_params": dict(setting),
+            "k": k, "recall": _finite(recall_at_k(ids, data.gt_ids, k)),
+            "ndcg": _finite(ndcg), "mrr": _finite(mrr),
+            "qps": data.nq / seconds, "batch_seconds": seconds,
+            "p50_ms": latency[0] if latency else None, "p99_ms": latency[1] if latency else None,
+            "latency_queries": min(single_queries, data.nq),
+            "build_s": built.seconds,
+            "bytes_per_vec": None if memory is None else memory / data.n,
+            "memory_note": spec.memory_note,
+            "background_load": load.share,
+            **context,
+        })
+    del index
+    return rows
+
+
+# --------------------------------------------------------------------------- reports
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def _params_text(params):
+    return " ".join(f"{key}={value}" for key, value in params.items()) or "-"
+
+
+def _table(results) -> Tuple[List[str], List[List[str]]]:
+    """Header and cells shared by the text and markdown tables."""
+    k = results[0]["k"] if results else 10
+    header = ["index", "params", f"recall@{k}", f"NDCG@{RANK_CUTOFF}", f"MRR@{RANK_CUTOFF}",
+              "QPS (batch)", "p50 ms", "p99 ms", "build s", "bytes/vec"]
+    cells = [[r["index"], _params_text(r["params"]), _fmt(r["recall"], ".3f"), _fmt(r["ndcg"], ".3f"),
+              _fmt(r["mrr"], ".3f"), _fmt(r["qps"], ".0f"), _fmt(r["p50_ms"], ".3f"),
+              _fmt(r["p99_ms"], ".3f"), _fmt(r["build_s"], ".2f"),
+              _fmt(r["bytes_per_vec"], ".0f") + ("*" if r["bytes_per_vec"] is not None
+                                                 and r["memory_note"] else "")]
+             for r in results]
+    return header, cells
+
+
+def _context_lines(results) -> List[str]:
+    r = results[0]
+    latency = (f"single-query latency over {r['latency_queries']} one-query calls"
+               if r["latency_queries"] else "no latency measurement")
+    return [
+        f"dataset {r['dataset']}: n={r['n']:,} dim={r['dim']} nq={r['nq']:,} metric={r['metric']}",
+        f"threads {r['threads']}, batch size {r['batch_size']} (all queries in one call), {latency}",
+        f"pyknn {r['pyknn_version']} SIMD {r['simd']}, CPU {r['cpu']}",
+    ]
+
+
+def _memory_notes(results) -> List[str]:
+    notes = {r["index"]: r["memory_note"] for r in results
+             if r["memory_note"] and r["bytes_per_vec"] is not None}
+    return [f"* {name}: {note}" for name, note in notes.items()]
+
+
+def _load_warnings(results) -> List[str]:
+    busy = [r for r in results if (r.get("background_load") or 0) > BACKGROUND_LOAD_WARNING]
+    if not busy:
+        return []
+    worst = max(r["background_load"] for r in busy)
+    return [f"warning: other processes used up to {worst:.0%} of the CPUs while "
+            f"{', '.join(dict.fromkeys(r['index'] for r in busy))} ran; "
+            "their timings are not reliable"]
+
+
+def format_table(results: Sequence[dict]) -> str:
+    """The results as an aligned text table, with the run's context above and notes below.
+
+    Returns the text (the CLI prints it to stdout). Bytes per vector marked * are counted
+    from the peer's known layout, as the note under the table says.
+    """
+    if not results:
+        return "(no results)"
+    header, cells = _table(results)
+    widths = [max(len(row[i]) for row in [header] + cells) for i in range(len(header))]
+    numeric = range(2, len(header))
+
+    def line(row):
+        return "  ".join(c.rjust(w) if i in numeric else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    lines = _context_lines(results) + ["", line(header), rule] + [line(c) for c in cells]
+    notes = _memory_notes(results) + _load_warnings(results)
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def qps_ratios(results: Sequence[dict], recall_targets=(0.90, 0.95, 0.99)) -> List[dict]:
+    """pyknn's batch QPS divided by each peer's, per family.
+
+    Where both sides have a single row (exact search) the QPS are compared directly
+    (``recall_target`` None). For sweeps, the best QPS reaching each recall target is compared,
+    for the targets both sides reach. Returns dicts: family, pyknn, peer, recall_target, ratio.
+    """
+    out = []
+    by_index: Dict[str, List[dict]] = {}
+    for r in results:
+        by_index.setdefault(r["index"], []).append(r)
+    ours = [rows for rows in by_index.values() if rows[0]["library"] == "pyknn"]
+    peers = [rows for rows in by_index.values() if rows[0]["library"] != "pyknn"]
+    for mine in ours:
+        for theirs in (p for p in peers if p[0]["family"] == mine[0]["family"]):
+            if len(mine) == 1 and len(theirs) == 1:
+                pairs = [(None, mine[0]["qps"], theirs[0]["qps"])]
+            else:
+                pairs = [(t, _best_qps(mine, t), _best_qps(theirs, t)) for t in recall_targets]
+            out += [{"family": mine[0]["family"], "pyknn": mine[0]["index"],
+                     "peer": theirs[0]["index"], "recall_target": t, "ratio": a / b}
+                    for t, a, b in pairs if a and b]
+    return out
+
+
+def _best_qps(rows, target):
+    return max((r["qps"] for r in rows if r["recall"] is not None and r["recall"] >= target),
+               default=None)
+
+
+def _ratio_lines(results) -> List[str]:
+    lines = []
+    for r in qps_ratios(results):
+        at = "" if r["recall_target"] is None else f" at recall@10 >= {r['recall_target']:.2f}"
+        lines.append(f"pyknn {r['family']} / {r['peer']} = {r['ratio']:.2f}x{at}")
+    return lines
+
+
+def format_markdown(results: Sequence[dict], command: Optional[str] = None,
+                    title: Optional[str] = None) -> str:
+    """The results as a markdown section for BENCHMARKS.md.
+
+    It records the command line (if given), the date, CPU, threads, batch size, the table, and
+    the ratios of pyknn's batch QPS to each peer's of the same family (:func:`qps_ratios`).
+    """
+    if not results:
+        return ""
+    r = results[0]
+    header, cells = _table(results)
+    title = title or f"{r['dataset']}, {r['threads']} threads"
+    lines = [f"## {title}", ""]
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    lines += [f"- date: {datetime.date.today().isoformat()}",
+              f"- CPU: {r['cpu']}",
+              f"- threads: {r['threads']} (the same for every library)",
+              f"- batch size: {r['batch_size']} queries per call; latency from "
+              f"{r['latency_queries']} one-query calls",
+              f"- dataset: {r['dataset']}, n={r['n']:,}, dim={r['dim']}, nq={r['nq']:,}, "
+              f"metric={r['metric']}, k={r['k']}",
+              f"- pyknn {r['pyknn_version']}, SIMD {r['simd']}", ""]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|")
+    lines += ["| " + " | ".join(c) + " |" for c in cells]
+    ratios = _ratio_lines(results)
+    if ratios:
+        lines += ["", "Batch QPS ratios:", ""] + [f"- {x}" for x in ratios]
+    notes = _memory_notes(results)
+    if notes:
+        lines += ["", "Bytes per vector:", ""] + [f"- {x[2:]}" for x in notes]
+    warnings = _load_warnings(results)
+    if warnings:
+        lines += [""] + [f"**{w}**" for w in warnings]
+    return "\n".join(lines) + "\n"
+
+
+def require_matplotlib():
+    """Import matplotlib (for :func:`plot`), or raise ImportError saying how to install it."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError("plotting needs matplotlib: pip install matplotlib "
+                          "(or pip install 'pyknn[bench]')") from None
+
+
+def plot(results: Sequence[dict], path) -> None:
+    """Draw recall@k against batch QPS (log scale), one line per index, and save it to ``path``.
+
+    The image format follows the file extension (PNG, SVG, PDF ...). Needs matplotlib.
+    """
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not results:
+        raise ValueError("nothing to plot: no results")
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    by_index: Dict[str, List[dict]] = {}
+    for r in results:
+        if r["recall"] is not None:
+            by_index.setdefault(r["index"], []).append(r)
+    for name, rows in by_index.items():
+        rows = sorted(rows, key=lambda r: r["recall"])
+        ax.plot([r["recall"] for r in rows], [r["qps"] for r in rows], marker="o",
+                linestyle="-" if rows[0]["library"] == "pyknn" else "--",
+                label=f"{name} ({rows[0]['family']})")
+    for target in (0.90, 0.95, 0.99):
+        ax.axvline(target, color="0.85", linewidth=0.8, zorder=0)
+    r = results[0]
+    ax.set_xlim(right=1.005)  # exact indexes sit at recall 1.0: keep them off the frame
+    ax.set_yscale("log")
+    ax.set_xlabel(f"recall@{r['k']}")
+    ax.set_ylabel("queries per second (batch, log scale)")
+    ax.set_title(f"{r['dataset']} (n={r['n']:,}, dim={r['dim']}, {r['metric']}), "
+                 f"{r['threads']} threads\n{r['cpu']}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.fspath(path), dpi=120)

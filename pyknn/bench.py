@@ -35,7 +35,7 @@ import numpy as np
 from . import _simd
 from ._version import __version__
 from .evaluation import ground_truth, mrr_at_k, ndcg_at_k, recall_at_k
-from .indexes import FlatIndex
+from .indexes import FlatIndex, IVFFlatIndex
 
 __all__ = [
     "BenchData", "IndexSpec", "register", "registered_specs", "get_spec", "select_specs",
@@ -243,6 +243,35 @@ def _build_flat(data, threads):
 register(IndexSpec(name="FlatIndex", family="Flat", build=_build_flat))
 
 
+# IVF: nlist "auto" is about 3 sqrt(n) rounded to a power of two (1024 for the full
+# wordnet-minilm set, 256 for the bundled sample); both libraries train 10 k-means iterations on
+# the whole base set.
+IVF_NPROBE_SWEEP = (1, 4, 16, 64, 128, 256, 384)
+IVF_TRAIN_ITERATIONS = 10
+
+
+def auto_nlist(n: int) -> int:
+    """The IVF cell count the benchmarks use for n vectors."""
+    return int(2 ** max(4, round(math.log2(3 * math.sqrt(max(n, 1))))))
+
+
+def _nlist(data, nlist):
+    return auto_nlist(data.n) if nlist == "auto" else int(nlist)
+
+
+def _build_ivf_flat(data, threads, nlist="auto"):
+    _simd.set_num_threads(threads)
+    index = IVFFlatIndex(data.dim, nlist=_nlist(data, nlist), metric=data.metric)
+    index.train(data.base, n_iter=IVF_TRAIN_ITERATIONS)
+    index.add(data.base)
+    return index
+
+
+register(IndexSpec(name="IVFFlatIndex", family="IVF-Flat", build=_build_ivf_flat,
+                   params={"nlist": "auto"},
+                   settings=[{"nprobe": p} for p in IVF_NPROBE_SWEEP]))
+
+
 # --------------------------------------------------------------------------- peers
 # faiss: IndexFlatIP / IndexFlatL2; cosine is IP over normalised copies (as faiss documents).
 def _build_faiss_flat(data, threads):
@@ -320,6 +349,44 @@ register(IndexSpec(
     build=_build_usearch_exact, search=_search_usearch_exact,
     memory=lambda index, data: index["base"].nbytes,
     memory_note="the float32 array it scans (usearch.index.search(..., exact=True) keeps no index)"))
+
+
+# faiss IndexIVFFlat with the same nlist, metric, training data and iteration count.
+def _build_faiss_ivf(data, threads, nlist="auto"):
+    import faiss
+    faiss.omp_set_num_threads(threads)
+    nlist = _nlist(data, nlist)
+    ip = data.metric != "l2"
+    base = data.base
+    if data.metric == "cosine":
+        base = base.copy()
+        faiss.normalize_L2(base)
+    quantizer = faiss.IndexFlatIP(data.dim) if ip else faiss.IndexFlatL2(data.dim)
+    index = faiss.IndexIVFFlat(quantizer, data.dim, nlist,
+                               faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2)
+    index.cp.niter = IVF_TRAIN_ITERATIONS
+    index.train(base)
+    index.add(base)
+    return index, data.metric == "cosine", quantizer
+
+
+def _search_faiss_ivf(built, queries, k, threads, nprobe):
+    built[0].nprobe = nprobe
+    return _search_faiss(built[:2], queries, k, threads)
+
+
+def _faiss_ivf_memory(built, data):
+    index = built[0]
+    # Codes and ids in the inverted lists, plus the centroids.
+    return int(index.ntotal) * (int(index.code_size) + 8) + index.nlist * data.dim * 4
+
+
+register(IndexSpec(
+    name="faiss IndexIVFFlat", family="IVF-Flat", library="faiss", requires="faiss",
+    install="faiss-cpu", build=_build_faiss_ivf, search=_search_faiss_ivf,
+    params={"nlist": "auto"}, settings=[{"nprobe": p} for p in IVF_NPROBE_SWEEP],
+    memory=_faiss_ivf_memory,
+    memory_note="ntotal * (code_size + 8-byte id) + nlist * dim * 4 (lists and centroids)"))
 
 
 # --------------------------------------------------------------------------- measurement

@@ -28,7 +28,7 @@ class KMeans:
         thread count.
     init : "k-means++" | "random"
         "k-means++": D^2 seeding (Arthur & Vassilvitskii), run on a seeded pool of at most
-        16 * n_clusters training points. "random": n_clusters distinct training points.
+        8 * n_clusters training points. "random": n_clusters distinct training points.
     max_points_per_centroid : int
         Training sets larger than n_clusters * max_points_per_centroid are subsampled (seeded)
         to that size, as FAISS does; 0 disables subsampling.

@@ -65,6 +65,15 @@ def test_select_ge(level):
             assert list(got) == list(np.nonzero(s >= thr)[0])
 
 
+@pytest.mark.parametrize("level", LEVELS)
+def test_max(level):
+    rng = np.random.default_rng(4)
+    assert _core._kernel_max(level, np.zeros(0, np.float32)) == -np.inf
+    for n in (1, 7, 16, 17, 100, 1000):
+        s = rng.standard_normal(n).astype(np.float32)
+        assert _core._kernel_max(level, s) == s.max()
+
+
 def test_levels_reported():
     assert LEVELS[0] == "scalar"
     assert pyknn.simd_level() == LEVELS[-1]

@@ -16,8 +16,8 @@ namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Below this many queries per task, packing a block costs more than it saves.
 constexpr size_t kGemmMinQueries = 4;
-// Queries per GEMM call: the score tile (kQueryTile x block) stays in L2 next to the packed block.
-constexpr size_t kQueryTile = 64;
+// Scores screened per select_ge call: the threshold is refreshed between chunks.
+constexpr size_t kScanChunk = 128;
 // Work (multiply-adds) below which waking the pool costs more than it saves.
 constexpr double kMinParallelWork = 1 << 20;
 
@@ -89,7 +89,8 @@ void Batch::run_task(size_t task) {
 
   if (q_end - q_begin >= kGemmMinQueries) {
     AlignedFloats packed(nbr * d);
-    std::vector<float> tile(kQueryTile * nbr);
+    const size_t qtile = query_tile(*K);
+    std::vector<float> tile(qtile * nbr);
     for (size_t r0 = r_begin; r0 < r_end; r0 += nb) {
       const size_t m = std::min(nb, r_end - r0);
       const float* xb = in->x + r0 * d;
@@ -97,8 +98,8 @@ void Batch::run_task(size_t task) {
       const uint8_t* mask = in->mask ? in->mask + r0 : nullptr;
       K->pack(xb, m, d, packed.data());
       if (in->l2) K->norms_sq(xb, m, d, xn.data());
-      for (size_t qt = q_begin; qt < q_end; qt += kQueryTile) {
-        const size_t mq = std::min(kQueryTile, q_end - qt);
+      for (size_t qt = q_begin; qt < q_end; qt += qtile) {
+        const size_t mq = std::min(qtile, q_end - qt);
         K->gemm(q + qt * d, d, mq, packed.data(), m, d, tile.data(), nbr);
         for (size_t i = 0; i < mq; ++i) {
           TopK& h = heaps[qt + i - q_begin];
@@ -173,13 +174,32 @@ double l2_error_factor(size_t d) {
   return 2.0 * gamma_d + 16.0 * u;
 }
 
+size_t query_tile(const simd::Kernels& K) {
+  const size_t mr = static_cast<size_t>(K.mr);
+  return std::max(mr, 64 / mr * mr);
+}
+
 void ScoreScan::ip(TopK& h, const float* s, size_t m, int64_t row0, const uint8_t* mask,
                    uint32_t* idx) const {
-  const size_t c = K->select_ge(s, m, h.threshold(), idx);
-  for (size_t j = 0; j < c; ++j) {
-    const uint32_t o = idx[j];
-    if (mask && !mask[o]) continue;
-    h.push(s[o], row0 + o);
+  if (h.k == 1 && !mask) {
+    // Nearest neighbour only (k-means assignment): the row's maximum, at its first position.
+    const float mx = K->max(s, m);
+    if (!(mx >= h.threshold())) return;
+    if (K->select_ge(s, m, mx, idx)) h.push(mx, row0 + idx[0]);
+    return;
+  }
+  size_t j = 0;
+  for (; j < m && h.size < h.k; ++j)  // until the heap is full every row is a candidate
+    if (!mask || mask[j]) h.push(s[j], row0 + static_cast<int64_t>(j));
+  // In chunks, so that the threshold tightens as better rows come in.
+  for (; j < m; j += kScanChunk) {
+    const size_t len = std::min(kScanChunk, m - j);
+    const size_t c = K->select_ge(s + j, len, h.threshold(), idx);
+    for (size_t i = 0; i < c; ++i) {
+      const size_t o = j + idx[i];
+      if (mask && !mask[o]) continue;
+      h.push(s[o], row0 + static_cast<int64_t>(o));
+    }
   }
 }
 
@@ -191,15 +211,30 @@ void ScoreScan::l2(TopK& h, const float* ip, const float* xn, const float* x, si
   // Row j can enter only if qn + xn - 2ip - gamma (qn + xn) <= D_k (+ slack), i.e.
   // 2ip - (1 - gamma) xn >= (1 - gamma) qn - D_k.
   for (size_t j = 0; j < m; ++j) t[j] = 2.0f * ip[j] - keep * xn[j];
-  float bound = keep * qn + h.threshold() * slack;
-  const size_t c = K->select_ge(t, m, bound, idx);
-  for (size_t j = 0; j < c; ++j) {
-    const uint32_t o = idx[j];
-    if (!(t[o] >= bound)) continue;  // the bound tightened since the selection
-    if (mask && !mask[o]) continue;
-    const float dist = K->l2sq(qv, x + static_cast<size_t>(o) * d, d);
-    h.push(-dist, row0 + o);
-    bound = keep * qn + h.threshold() * slack;
+  auto push_exact = [&](size_t o) {
+    h.push(-K->l2sq(qv, x + o * d, d), row0 + static_cast<int64_t>(o));
+  };
+  auto bound = [&] { return keep * qn + h.threshold() * slack; };
+  if (h.k == 1 && !mask) {
+    // The row that looks nearest first, so the bound is tight before the rest are screened.
+    const float mx = K->max(t, m);
+    if (!(mx >= bound())) return;
+    if (K->select_ge(t, m, mx, idx)) push_exact(idx[0]);
+  }
+  size_t j = 0;
+  for (; j < m && h.size < h.k; ++j)
+    if (!mask || mask[j]) push_exact(j);
+  for (; j < m; j += kScanChunk) {
+    const size_t len = std::min(kScanChunk, m - j);
+    float b = bound();
+    const size_t c = K->select_ge(t + j, len, b, idx);
+    for (size_t i = 0; i < c; ++i) {
+      const size_t o = j + idx[i];
+      if (!(t[o] >= b)) continue;  // the bound tightened since the selection
+      if (mask && !mask[o]) continue;
+      push_exact(o);
+      b = bound();
+    }
   }
 }
 

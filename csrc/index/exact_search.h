@@ -25,6 +25,10 @@ struct ExactSearchInput {
 void exact_knn(const ExactSearchInput& in, const float* q, size_t nq, size_t k, float* scores,
                int64_t* rows);
 
+// Queries per GEMM call: a multiple of the kernel's register tile, about 64; the score tile
+// (this many rows x one block) stays in L2 next to the packed block.
+size_t query_tile(const simd::Kernels& K);
+
 // Relative error bound of the expanded L2 form in float32 for dimension d (see the .cc file).
 double l2_error_factor(size_t d);
 

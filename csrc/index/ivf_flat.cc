@@ -19,8 +19,6 @@ namespace {
 constexpr size_t kGroupedMinQueries = 8;
 // A list is scanned with a matrix product when at least this many queries probe it.
 constexpr size_t kGemmMinQueries = 4;
-// Queries per matrix-product call.
-constexpr size_t kQueryTile = 64;
 // Multiply-adds below which one query's probes are not split over threads (waking a thread
 // costs about as much as scanning this much memory).
 constexpr double kMinSplitWork = 2e6;
@@ -146,7 +144,8 @@ void IVFFlatIndex::scan_list_group(const simd::Kernels& K, const ScoreScan& scan
   g.packed.resize(nbr * d);
   g.xn.resize(nbr);
   g.t.resize(nbr);
-  g.tile.resize(kQueryTile * nbr);
+  const size_t qtile = query_tile(K);
+  g.tile.resize(qtile * nbr);
   for (size_t r0 = 0; r0 < m; r0 += nb) {
     const size_t mb = std::min(nb, m - r0);
     const float* xb = list.x.data() + r0 * d;
@@ -154,8 +153,8 @@ void IVFFlatIndex::scan_list_group(const simd::Kernels& K, const ScoreScan& scan
     if (l2) K.norms_sq(xb, mb, d, g.xn.data());
     const int64_t row0 = encode(l, r0);
     const uint8_t* bmask = lmask ? lmask + r0 : nullptr;
-    for (size_t qt = 0; qt < nqs; qt += kQueryTile) {
-      const size_t mq = std::min(kQueryTile, nqs - qt);
+    for (size_t qt = 0; qt < nqs; qt += qtile) {
+      const size_t mq = std::min(qtile, nqs - qt);
       K.gemm(g.a.data() + qt * d, d, mq, g.packed.data(), mb, d, g.tile.data(), nbr);
       for (size_t i = 0; i < mq; ++i) {
         const uint32_t qi = qids[qt + i];

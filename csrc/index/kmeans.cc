@@ -18,7 +18,7 @@ namespace {
 
 // k-means++ seeding looks at this many candidate points per centroid at most: seeding is
 // inherently sequential (one pass per centroid), and beyond this the seeds barely improve.
-constexpr size_t kSeedPointsPerCentroid = 16;
+constexpr size_t kSeedPointsPerCentroid = 8;
 // Relative perturbation when an empty cluster takes half of the largest one.
 constexpr float kSplitEps = 1.0f / 1024.0f;
 

@@ -80,6 +80,9 @@ void bind_kernel_hooks(py::module_& m) {
       std::copy(tile.begin() + i * ldo, tile.begin() + i * ldo + n, out.mutable_data() + i * n);
     return out;
   });
+  m.def("_kernel_max", [](const std::string& level, FloatArray s) {
+    return kernels_named(level).max(s.data(), static_cast<size_t>(s.size()));
+  });
   m.def("_kernel_select_ge", [](const std::string& level, FloatArray s, float thr) {
     const simd::Kernels& K = kernels_named(level);
     size_t n = static_cast<size_t>(s.size());

@@ -32,6 +32,8 @@ struct Kernels {
                float* out, size_t ldo);
   // Writes the positions j < n with s[j] >= thr to idx in ascending order; returns their count.
   size_t (*select_ge)(const float* s, size_t n, float thr, uint32_t* idx);
+  // The largest of s[0..n) (-inf when n == 0; NaN entries are ignored).
+  float (*max)(const float* s, size_t n);
 };
 
 inline size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }

@@ -218,8 +218,20 @@ size_t select_ge(const float* s, size_t n, float thr, uint32_t* idx) {
   return c;
 }
 
+float max_of(const float* s, size_t n) {
+  size_t j = 0;
+  float mx = -__builtin_inff();
+  if (n >= static_cast<size_t>(W)) {
+    V m = load(s);
+    for (j = W; j + W <= n; j += W) m = vmax(m, load(s + j));
+    for (int i = 0; i < W; ++i) mx = m[i] > mx ? m[i] : mx;
+  }
+  for (; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+  return mx;
+}
+
 const Kernels table = {PYKNN_LEVEL_NAME, MR, NR, dot, l2sq, dot_many, l2sq_many, norms_sq,
-                       pack, gemm, select_ge};
+                       pack, gemm, select_ge, max_of};
 
 }  // namespace
 }  // namespace PYKNN_KNS

@@ -24,7 +24,7 @@ constexpr double kMinParallelWork = 1 << 20;
 // Vectors per packed block: about 512 KB of panels, a multiple of the panel width.
 size_t block_rows(const simd::Kernels& K, size_t d) {
   size_t nr = static_cast<size_t>(K.nr);
-  size_t nb = (size_t(1) << 17) / std::max<size_t>(d, 1) / nr * nr;
+  size_t nb = (size_t(1) << 18) / std::max<size_t>(d, 1) / nr * nr;
   return std::min<size_t>(std::max(nb, nr), 2048);
 }
 

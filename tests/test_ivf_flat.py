@@ -167,3 +167,44 @@ def test_deterministic_training():
     a = pyknn.IVFFlatIndex(16, nlist=20).train(x, seed=4)
     b = pyknn.IVFFlatIndex(16, nlist=20).train(x, seed=4)
     np.testing.assert_array_equal(a.centroids, b.centroids)
+
+
+def test_concurrent_searches_and_adds():
+    import threading
+    x = clustered(6000, 32, n_clusters=24, seed=12)
+    idx = pyknn.IVFFlatIndex(32, nlist=16, metric="l2", nprobe=4)
+    idx.train(x[:3000])
+    idx.add(x[:1000])
+    errors = []
+
+    def searcher():
+        try:
+            for _ in range(30):
+                before = len(idx)
+                _, I = idx.search(x[:40], 5)
+                # Every id returned was added (ids are 0..n-1 in order of addition).
+                assert ((I >= -1) & (I < 6000)).all()
+                assert (I[:, 0] >= 0).all() and before >= 1000
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    def writer():
+        try:
+            for i in range(1000, 6000, 250):
+                idx.add(x[i:i + 250])
+                idx.remove([i], missing_ok=True)
+        except Exception as e:  # pragma: no cover
+            errors.append(e)
+
+    threads = [threading.Thread(target=searcher) for _ in range(3)] + [threading.Thread(target=writer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(idx) == 6000 - 20
+    _, I = idx.search(x[:50], 1, nprobe=16)
+    exact = pyknn.FlatIndex(32, "l2")
+    exact.add(x)
+    exact.remove(list(range(1000, 6000, 250)))
+    np.testing.assert_array_equal(I, exact.search(x[:50], 1)[1])

@@ -71,19 +71,29 @@ void IVFFlatIndex::train(const float* x, size_t n, int n_iter, uint64_t seed) {
   if (ntotal_ > 0) throw_value("vectors were added while training; train a new index");
   centroids_ = std::move(r.centroids);
   lists_.assign(nlist_, List());
+  ++generation_;
 }
 
 void IVFFlatIndex::add(const float* x, size_t n, const int64_t* ids) {
   if (n == 0) return;
   std::vector<float> unit = prepare_vectors(x, n);
   if (!unit.empty()) x = unit.data();
-  std::unique_lock<std::shared_mutex> lk(mu_);
-  require_trained("add()");
-  ids_.check_new(ids, n);
-  std::vector<int64_t> new_ids = ids_.new_ids(ids, n);
+  // Assign cells under the shared lock, so searches go on meanwhile.
   std::vector<int64_t> labels(n);
   std::vector<float> scores(n);
-  kmeans_assign(x, n, dim_, centroids_.data(), nlist_, coarse_ip(), labels.data(), scores.data());
+  uint64_t generation;
+  {
+    std::shared_lock<std::shared_mutex> lk(mu_);
+    require_trained("add()");
+    ids_.check_new(ids, n);
+    kmeans_assign(x, n, dim_, centroids_.data(), nlist_, coarse_ip(), labels.data(), scores.data());
+    generation = generation_;
+  }
+  std::unique_lock<std::shared_mutex> lk(mu_);
+  if (generation != generation_)  // retrained in between (only possible while empty)
+    kmeans_assign(x, n, dim_, centroids_.data(), nlist_, coarse_ip(), labels.data(), scores.data());
+  ids_.check_new(ids, n);  // again: another writer may have added some of these ids meanwhile
+  std::vector<int64_t> new_ids = ids_.new_ids(ids, n);
   // Locations and capacity first, so that nothing can fail once data starts moving.
   std::vector<size_t> extra(nlist_, 0);
   std::vector<int64_t> loc(n);

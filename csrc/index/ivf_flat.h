@@ -71,6 +71,7 @@ class IVFFlatIndex : public Index {
   std::vector<List> lists_;
   IdMap ids_;                     // user id -> encoded location
   size_t ntotal_ = 0;
+  uint64_t generation_ = 0;       // incremented by every train()
 };
 
 }  // namespace pyknn

@@ -139,12 +139,21 @@ void pack(const float* x, size_t nb, size_t d, float* packed) {
   for (size_t p0 = 0; p0 < nb; p0 += NR) {
     float* panel = packed + p0 * d;
     const size_t rows = nb - p0 < static_cast<size_t>(NR) ? nb - p0 : NR;
-    for (size_t j = 0; j < rows; ++j) {
-      const float* src = x + (p0 + j) * d;
-      for (size_t k = 0; k < d; ++k) panel[k * NR + j] = src[k];
+    const float* src = x + p0 * d;
+    if (rows == static_cast<size_t>(NR)) {
+      // Writes in order; the NR source rows' current cache lines stay in L1 across k.
+      for (size_t k = 0; k < d; ++k) {
+        float* out = panel + k * NR;
+#pragma GCC unroll 8
+        for (int j = 0; j < NR; ++j) out[j] = src[j * d + k];
+      }
+    } else {
+      for (size_t k = 0; k < d; ++k) {
+        float* out = panel + k * NR;
+        for (size_t j = 0; j < rows; ++j) out[j] = src[j * d + k];
+        for (size_t j = rows; j < static_cast<size_t>(NR); ++j) out[j] = 0.f;
+      }
     }
-    for (size_t j = rows; j < static_cast<size_t>(NR); ++j)
-      for (size_t k = 0; k < d; ++k) panel[k * NR + j] = 0.f;
   }
 }
 

@@ -2,7 +2,7 @@
 """Retrieval metrics over large id arrays (private; use :mod:`pyknn.evaluation`).
 
 Every function takes C-contiguous int64 2-D arrays of ids, where -1 (any
-negative id) is padding and never counts, and returns ``(mean, per_query)``:
+only -1) is padding and never counts; other negative ids are ordinary ids, and returns ``(mean, per_query)``:
 
 * ``per_query`` is a float64 array of shape (nq,) holding each query's value,
   NaN for a query that is excluded (no valid truth / relevant id);
@@ -21,7 +21,7 @@ from libc.math cimport log2, NAN
 
 import numpy as np
 
-# Empty slots hold -1 (valid ids are >= 0); `taken` marks ids already matched,
+# Empty slots hold -1, the padding id, which is never inserted; `taken` marks ids already matched,
 # so an id repeated in `found` counts once.
 cdef enum:
     EMPTY = -1
@@ -69,7 +69,7 @@ cdef inline void _set_clear(IdSet* s) noexcept nogil:
 
 
 cdef inline bint _set_insert(IdSet* s, int64_t key) noexcept nogil:
-    """Insert a valid (>= 0) id; return True if it was not present."""
+    """Insert an id other than -1; return True if it was not present."""
     cdef uint64_t i = _hash(key) & s.mask
     while s.slots[i] != EMPTY:
         if s.slots[i] == key:
@@ -100,7 +100,7 @@ def recall_at_k(const int64_t[:, ::1] found, const int64_t[:, ::1] truth, Py_ssi
     """recall@k of ``found`` against ``truth``; returns ``(mean, per_query)``.
 
     Per query: |set(found[i, :k]) & set(truth[i, :k])| / (number of distinct
-    valid ids in truth[i, :k]), ids < 0 ignored. Only the first min(k, columns)
+    valid ids in truth[i, :k]), ids == -1 ignored. Only the first min(k, columns)
     columns of each array are read. Queries without valid truth are NaN and
     excluded from the mean.
     """
@@ -124,7 +124,7 @@ def recall_at_k(const int64_t[:, ::1] found, const int64_t[:, ::1] truth, Py_ssi
             n_truth = 0
             for j in range(kt):
                 v = truth[i, j]
-                if v >= 0 and _set_insert(&s, v):
+                if v != EMPTY and _set_insert(&s, v):
                     n_truth += 1
             if n_truth == 0:
                 res[i] = NAN
@@ -132,7 +132,7 @@ def recall_at_k(const int64_t[:, ::1] found, const int64_t[:, ::1] truth, Py_ssi
             hits = 0
             for j in range(kf):
                 v = found[i, j]
-                if v >= 0 and _set_take(&s, v):
+                if v != EMPTY and _set_take(&s, v):
                     hits += 1
             res[i] = <double>hits / <double>n_truth
             total += res[i]
@@ -177,7 +177,7 @@ def ndcg_at_k(const int64_t[:, ::1] found, const int64_t[:, ::1] relevant, Py_ss
             n_rel = 0
             for j in range(r):
                 v = relevant[i, j]
-                if v >= 0 and _set_insert(&s, v):
+                if v != EMPTY and _set_insert(&s, v):
                     n_rel += 1
             if n_rel == 0:
                 res[i] = NAN
@@ -185,7 +185,7 @@ def ndcg_at_k(const int64_t[:, ::1] found, const int64_t[:, ::1] relevant, Py_ss
             dcg = 0.0
             for j in range(kf):
                 v = found[i, j]
-                if v >= 0 and _set_take(&s, v):
+                if v != EMPTY and _set_take(&s, v):
                     dcg += disc[j]
             idcg = 0.0
             for j in range(min(k, n_rel)):
@@ -225,7 +225,7 @@ def mrr_at_k(const int64_t[:, ::1] found, const int64_t[:, ::1] relevant, Py_ssi
             n_rel = 0
             for j in range(r):
                 v = relevant[i, j]
-                if v >= 0 and _set_insert(&s, v):
+                if v != EMPTY and _set_insert(&s, v):
                     n_rel += 1
             if n_rel == 0:
                 res[i] = NAN
@@ -233,7 +233,7 @@ def mrr_at_k(const int64_t[:, ::1] found, const int64_t[:, ::1] relevant, Py_ssi
             res[i] = 0.0
             for j in range(kf):
                 v = found[i, j]
-                if v >= 0 and _set_take(&s, v):
+                if v != EMPTY and _set_take(&s, v):
                     res[i] = 1.0 / <double>(j + 1)
                     break
             total += res[i]

@@ -3,6 +3,8 @@ import os
 
 from . import _core
 
+_MAX_THREADS = 1024
+
 __all__ = ["simd_level", "set_simd_level", "available_simd_levels", "num_threads", "set_num_threads"]
 
 
@@ -44,7 +46,9 @@ def set_num_threads(n: int) -> None:
     """Set the number of threads for searches and builds; ``n <= 0`` restores the default."""
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"n must be an int, got {type(n).__name__}")
-    _core.set_num_threads(n)
+    if n > _MAX_THREADS:
+        raise ValueError(f"n must be at most {_MAX_THREADS}, got {n}")
+    _core.set_num_threads(max(n, 0))
 
 
 _env = os.environ.get("PYKNN_SIMD", "").strip()
@@ -55,5 +59,8 @@ if _env:
         raise ImportError(f"PYKNN_SIMD={_env!r}: {e}") from None
 _env = os.environ.get("PYKNN_NUM_THREADS", "").strip()
 if _env:
-    set_num_threads(int(_env))
+    try:
+        set_num_threads(int(_env))
+    except ValueError as e:
+        raise ImportError(f"PYKNN_NUM_THREADS={_env!r}: expected a thread count ({e})") from None
 del _env

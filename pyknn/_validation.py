@@ -13,28 +13,34 @@ def check_metric(metric):
     return metric.lower()
 
 
-def check_dim(dim):
-    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
-        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
-    if dim < 1:
-        raise ValueError(f"dim must be at least 1, got {dim}")
-    return int(dim)
+# Largest dimension an index accepts (the C++ core checks the same).
+MAX_DIM = 1 << 20
+# Most results (queries x k) one search may return: beyond this the output alone is 48 GB.
+MAX_RESULTS = 1 << 32
 
 
-def check_k(k):
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
-    return int(k)
-
-
-def check_positive_int(value, name, minimum=1):
+def check_positive_int(value, name, minimum=1, maximum=(1 << 63) - 1):
+    """Return value as an int in [minimum, maximum]; TypeError for non-integers (bool included)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be at most {maximum}, got {value}")
     return int(value)
+
+
+def check_dim(dim):
+    return check_positive_int(dim, "dim", maximum=MAX_DIM)
+
+
+def check_k(k, nq=1):
+    """k >= 1, and small enough that the (nq, k) results can be allocated."""
+    k = check_positive_int(k, "k")
+    if nq * k > MAX_RESULTS:
+        raise ValueError(f"k={k} for {nq} queries asks for {nq * k} results, more than the "
+                         f"{MAX_RESULTS} one search can return; lower k or split the queries")
+    return k
 
 
 def as_matrix(x, dim, what="vectors"):
@@ -82,7 +88,13 @@ def as_filter(filter, ntotal):
     """
     if filter is None:
         return None, None
+    if isinstance(filter, (set, frozenset)):
+        filter = np.fromiter(filter, dtype=np.int64, count=len(filter))
     a = filter if isinstance(filter, np.ndarray) else np.asarray(filter)
+    if a.dtype == np.uint8:
+        # Most likely a 0/1 mask that lost its bool dtype; as ids it would silently mean 0 and 1.
+        raise TypeError("a uint8 filter is ambiguous: pass a boolean mask (mask.astype(bool)) "
+                        "or ids as int64")
     if a.dtype == np.bool_:
         if a.ndim != 1 or a.shape[0] != ntotal:
             raise ValueError(

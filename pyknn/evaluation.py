@@ -5,8 +5,9 @@
 * :func:`recall_at_k`, :func:`ndcg_at_k` and :func:`mrr_at_k` validate their
   inputs and run the compiled loops of :mod:`pyknn._metrics` (GIL released).
 
-Id conventions: ids are integers; any negative id (the indexes pad with -1) is
-padding and never counts as a hit. Ids are compared as sets, so an id repeated
+Id conventions: ids are integers; -1 (what the indexes pad with) is padding and
+never counts as a hit; every other value, negative ones included, is an id.
+Ids are compared as sets, so an id repeated
 in a result row counts once.
 """
 
@@ -78,7 +79,7 @@ def recall_at_k(found_ids, true_ids, k: int, *, per_query: bool = False):
     """Recall@k of search results against exact neighbours.
 
     For each query i: ``|set(found_ids[i, :k]) & set(true_ids[i, :k])|`` divided by
-    the number of distinct valid ids in ``true_ids[i, :k]``. Negative ids are
+    the number of distinct valid ids in ``true_ids[i, :k]``. Ids of -1 are
     padding and are ignored on both sides; a repeated id counts once. When an
     array has fewer than k columns all its columns are used. Queries whose
     ``true_ids[i, :k]`` holds no valid id are left out of the mean.
@@ -120,7 +121,7 @@ def ndcg_at_k(found_ids, qrels, k: int = 10, *, per_query: bool = False):
     Parameters
     ----------
     found_ids : array-like of int, shape (n_queries, k_found)
-        Ranked ids per query, best first. Negative ids are padding.
+        Ranked ids per query, best first. -1 is padding.
     qrels : array-like of int, shape (n_queries,) or (n_queries, r)
         Judged-relevant ids per query: one per query (1-D) or a row padded with -1.
     k : int
@@ -152,7 +153,7 @@ def mrr_at_k(found_ids, qrels, k: int = 10, *, per_query: bool = False):
     Parameters
     ----------
     found_ids : array-like of int, shape (n_queries, k_found)
-        Ranked ids per query, best first. Negative ids are padding.
+        Ranked ids per query, best first. -1 is padding.
     qrels : array-like of int, shape (n_queries,) or (n_queries, r)
         Judged-relevant ids per query: one per query (1-D) or a row padded with -1.
     k : int

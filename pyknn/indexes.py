@@ -10,14 +10,13 @@ from ._validation import (as_filter, as_ids, as_matrix, check_dim, check_k, chec
                           check_positive_int, is_scalar_id)
 from ._version import __version__
 
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
 __all__ = ["FlatIndex", "IVFFlatIndex", "load"]
 
 
 class _Index:
     """What every index shares: dim, metric, ids, metadata, save/load and pickling."""
-
-    _core_type = None
-    _kind_name = "index"
 
     def __init__(self):
         raise TypeError(f"{type(self).__name__} cannot be created directly")
@@ -108,7 +107,8 @@ class _Index:
         """Whether ``id`` is stored."""
         if not is_scalar_id(id):
             raise TypeError(f"id must be an integer, got {type(id).__name__}")
-        return self._core.contains(int(id))
+        id = int(id)
+        return _INT64_MIN <= id <= _INT64_MAX and self._core.contains(id)
 
     __contains__ = contains
 
@@ -159,8 +159,6 @@ class FlatIndex(_Index):
     and a failed call leaves the index unchanged.
     """
 
-    _core_type = _core.FlatIndex
-
     def __init__(self, dim: int, metric: str = "ip"):
         self._init_core(_core.FlatIndex(check_dim(dim), check_metric(metric)))
 
@@ -185,7 +183,7 @@ class FlatIndex(_Index):
             The ids of the results; -1 for padding.
         """
         q = as_matrix(q, self.dim, "queries")
-        k = check_k(k)
+        k = check_k(k, q.shape[0])
         fids, fmask = as_filter(filter, len(self))
         return self._core.search(q, k, fids, fmask)
 
@@ -209,9 +207,9 @@ class IVFFlatIndex(_Index):
     """
 
     def __init__(self, dim: int, nlist: int = 1024, metric: str = "ip", nprobe: int = 8):
-        nlist = check_positive_int(nlist, "nlist")
-        self._init_core(_core.IVFFlatIndex(check_dim(dim), check_metric(metric), nlist))
-        self.nprobe = nprobe
+        nlist = check_positive_int(nlist, "nlist", maximum=1 << 22)
+        nprobe = check_positive_int(nprobe, "nprobe")
+        self._init_core(_core.IVFFlatIndex(check_dim(dim), check_metric(metric), nlist, nprobe))
 
     @property
     def nlist(self) -> int:
@@ -221,11 +219,11 @@ class IVFFlatIndex(_Index):
     @property
     def nprobe(self) -> int:
         """Default number of cells scanned by :meth:`search`."""
-        return self._metadata["nprobe"]
+        return self._core.nprobe
 
     @nprobe.setter
     def nprobe(self, value):
-        self._metadata["nprobe"] = check_positive_int(value, "nprobe")
+        self._core.nprobe = check_positive_int(value, "nprobe")
 
     @property
     def is_trained(self) -> bool:
@@ -240,8 +238,8 @@ class IVFFlatIndex(_Index):
         subsampled (seeded), as FAISS does.
         """
         x = as_matrix(x, self.dim, "training vectors")
-        n_iter = check_positive_int(n_iter, "n_iter")
-        seed = check_positive_int(seed, "seed", minimum=0)
+        n_iter = check_positive_int(n_iter, "n_iter", maximum=(1 << 31) - 1)
+        seed = check_positive_int(seed, "seed", minimum=0, maximum=(1 << 64) - 1)
         self._core.train(x, n_iter, seed)
         return self
 
@@ -260,7 +258,7 @@ class IVFFlatIndex(_Index):
         Returns (distances, ids) as :meth:`FlatIndex.search` does.
         """
         q = as_matrix(q, self.dim, "queries")
-        k = check_k(k)
+        k = check_k(k, q.shape[0])
         nprobe = self.nprobe if nprobe is None else check_positive_int(nprobe, "nprobe")
         fids, fmask = as_filter(filter, len(self))
         return self._core.search(q, k, nprobe, fids, fmask)

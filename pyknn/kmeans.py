@@ -46,14 +46,14 @@ class KMeans:
 
     def __init__(self, n_clusters, n_iter=25, seed=0, init="k-means++",
                  max_points_per_centroid=256, spherical=False):
-        self.n_clusters = check_positive_int(n_clusters, "n_clusters")
-        self.n_iter = check_positive_int(n_iter, "n_iter", minimum=0)
-        self.seed = check_positive_int(seed, "seed", minimum=0)
+        self.n_clusters = check_positive_int(n_clusters, "n_clusters", maximum=(1 << 31) - 1)
+        self.n_iter = check_positive_int(n_iter, "n_iter", minimum=0, maximum=(1 << 31) - 1)
+        self.seed = check_positive_int(seed, "seed", minimum=0, maximum=(1 << 64) - 1)
         if init not in ("k-means++", "random"):
             raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
         self.init = init
         self.max_points_per_centroid = check_positive_int(
-            max_points_per_centroid, "max_points_per_centroid", minimum=0)
+            max_points_per_centroid, "max_points_per_centroid", minimum=0, maximum=(1 << 62))
         self.spherical = bool(spherical)
         self.centroids = None
         self.inertia_ = None
@@ -70,8 +70,9 @@ class KMeans:
         are fewer than 39 points per cluster.
         """
         x = np.asarray(x) if not isinstance(x, np.ndarray) else x
-        if x.ndim != 2:
-            raise ValueError(f"training vectors must be a 2-D (n, dim) array, got shape {x.shape}")
+        if x.ndim != 2 or x.shape[1] < 1:
+            raise ValueError(f"training vectors must be a 2-D (n, dim) array with dim >= 1, got "
+                             f"shape {x.shape}")
         x = as_matrix(x, x.shape[1], "training vectors")
         n = x.shape[0]
         if n < self.n_clusters:
@@ -81,7 +82,7 @@ class KMeans:
             warnings.warn(f"{n} training points for {self.n_clusters} clusters "
                           f"({n / self.n_clusters:.1f} per cluster): consider at least "
                           f"{_MIN_POINTS_PER_CENTROID * self.n_clusters} points", stacklevel=2)
-        centroids, inertia, n_iter, _ = _core.kmeans_fit(
+        centroids, inertia, n_iter = _core.kmeans_fit(
             x, self.n_clusters, self.n_iter, self.seed, self.init == "k-means++",
             self.max_points_per_centroid, self.spherical)
         self.centroids, self.inertia_, self.n_iter_ = centroids, float(inertia), int(n_iter)

@@ -416,3 +416,85 @@ def test_constructor_errors():
     with pytest.raises(TypeError):
         pyknn.FlatIndex(3.5)
     assert repr(pyknn.FlatIndex(3, "l2")) == "FlatIndex(dim=3, metric='l2', ntotal=0)"
+
+
+# ---- magnitude, huge k, odd arguments, fork -------------------------------------------------
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_vectors_whose_distances_overflow_are_rejected(metric):
+    x = clustered(50, 8, seed=20)
+    idx = pyknn.FlatIndex(8, metric)
+    idx.add(x)
+    big = x[:8] * 1e20
+    with pytest.raises(ValueError, match="row 0 has squared norm .* beyond the supported"):
+        idx.add(big)
+    with pytest.raises(ValueError, match="queries row 0 has squared norm"):
+        idx.search(big, 1)
+    with pytest.raises(ValueError, match="squared norm"):
+        idx.add(np.full((2, 8), 2**63, dtype=np.uint64))
+    assert len(idx) == 50
+    # Just inside the limit: results stay finite and exact.
+    ok = x[:4] / np.linalg.norm(x[:4], axis=1, keepdims=True) * 9e18
+    D, I = idx.search(ok, 3)
+    assert np.isfinite(D).all() and (I >= 0).all()
+
+
+def test_huge_k_costs_no_memory_and_is_checked():
+    idx = pyknn.FlatIndex(4, "l2")
+    idx.add(np.eye(4))
+    D, I = idx.search(np.ones(4), 5_000_000)
+    assert I.shape == (1, 5_000_000) and (I[0, 4:] == -1).all() and sorted(I[0, :4]) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="results, more than"):
+        idx.search(np.ones((4, 4)), 2**62)
+
+
+def test_filter_conveniences_and_ambiguity():
+    idx = pyknn.FlatIndex(4, "l2")
+    idx.add(np.eye(4), ids=[10, 20, 30, 40])
+    assert idx.search(np.ones(4), 4, filter={20, 40})[1][0, :2].tolist() in ([20, 40], [40, 20])
+    with pytest.raises(TypeError, match="uint8 filter is ambiguous"):
+        idx.search(np.ones(4), 2, filter=np.ones(4, np.uint8))
+
+
+def test_out_of_range_integers_are_value_errors():
+    idx = pyknn.FlatIndex(4)
+    idx.add(np.eye(4))
+    assert not idx.contains(2**70) and (-(2**70)) not in idx
+    with pytest.raises(ValueError, match="dim must be at most"):
+        pyknn.FlatIndex(2**64)
+
+
+def test_results_do_not_depend_on_thread_count_for_small_batches():
+    # A 7-query batch over 200 rows: the split over threads must not change which kernel runs.
+    x = np.random.default_rng(3).standard_normal((200, 1024)).astype(np.float32)
+    q = x[:7] + 0.5
+    for metric in ("ip", "l2"):
+        idx = pyknn.FlatIndex(1024, metric)
+        idx.add(x)
+        previous = pyknn.num_threads()
+        try:
+            pyknn.set_num_threads(1)
+            one = idx.search(q, 5)
+            pyknn.set_num_threads(2)
+            two = idx.search(q, 5)
+        finally:
+            pyknn.set_num_threads(previous)
+        np.testing.assert_array_equal(one[0], two[0])
+        np.testing.assert_array_equal(one[1], two[1])
+
+
+def _fork_search(args):
+    idx, q = args
+    return idx.search(q, 3)[1]
+
+
+def test_search_in_forked_children():
+    import multiprocessing as mp
+    x = clustered(20000, 32, seed=21)
+    idx = pyknn.FlatIndex(32)
+    idx.add(x)
+    expected = idx.search(x[:100], 3)[1]  # the parent's pool has run: its threads exist
+    with mp.get_context("fork").Pool(2) as pool:
+        result = pool.map_async(_fork_search, [(idx, x[:100]), (idx, x[:100])])
+        for got in result.get(timeout=60):
+            np.testing.assert_array_equal(got, expected)

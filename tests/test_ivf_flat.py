@@ -208,3 +208,19 @@ def test_concurrent_searches_and_adds():
     exact.add(x)
     exact.remove(list(range(1000, 6000, 250)))
     np.testing.assert_array_equal(I, exact.search(x[:50], 1)[1])
+
+
+def test_magnitude_limits_and_nprobe_persisted(tmp_path):
+    idx, x = _trained("l2", n=500, nlist=4)
+    with pytest.raises(ValueError, match="squared norm"):
+        idx.add(x[:8] * 1e20)
+    assert len(idx) == 500
+    idx.nprobe = 3
+    idx.metadata.clear()  # user metadata is independent of search parameters
+    assert idx.nprobe == 3
+    idx.save(tmp_path / "i")
+    assert pyknn.load(tmp_path / "i").nprobe == 3
+    with pytest.raises(ValueError, match="nprobe must be at most"):
+        idx.search(x[0], 1, nprobe=2**64)
+    with pytest.raises(ValueError, match="nlist must be at most"):
+        pyknn.IVFFlatIndex(8, nlist=2**64)

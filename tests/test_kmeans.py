@@ -105,3 +105,16 @@ def test_bad_input():
         km.fit(clustered(60, 4, seed=7))
     with pytest.raises(ValueError, match="expected dim 4, got 5"):
         km.predict(np.ones((3, 5)))
+
+
+def test_magnitude_and_shape_limits():
+    x = clustered(200, 8, seed=9)
+    with pytest.raises(ValueError, match="squared norm"):
+        KMeans(2).fit(x * 1e30)
+    with pytest.raises(ValueError, match="dim >= 1"):
+        KMeans(2).fit(np.zeros((10, 0)))
+    with pytest.raises(ValueError, match="n_iter must be at most"):
+        KMeans(2, n_iter=2**40)
+    km = KMeans(2, n_iter=2).fit(x)
+    with pytest.raises(ValueError, match="squared norm"):
+        km.predict(x[:3] * 1e20)

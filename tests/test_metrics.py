@@ -244,3 +244,12 @@ def test_property_perfect_results_score_one(truth, k):
     assert recall_at_k(truth, truth, k) == 1.0
     assert ndcg_at_k(truth, truth, k) == pytest.approx(1.0)
     assert mrr_at_k(truth, truth, k) == 1.0
+
+
+def test_negative_ids_other_than_minus_one_are_ids():
+    from pyknn import recall_at_k, mrr_at_k, ndcg_at_k
+    assert recall_at_k([[-5, 9]], [[-5, 3]], 2) == 0.5
+    assert recall_at_k([[-5, -7]], [[-5, -7]], 2) == 1.0
+    assert recall_at_k([[-1, -7]], [[-1, -7]], 2) == 1.0  # -1 is padding on both sides
+    assert mrr_at_k([[-5, 3]], [-5], 2) == 1.0
+    assert ndcg_at_k([[3, -5]], [-5], 2) == pytest.approx(1 / np.log2(3))

@@ -76,8 +76,9 @@ def test_max(level):
 
 def test_levels_reported():
     assert LEVELS[0] == "scalar"
-    assert pyknn.simd_level() == LEVELS[-1]
     assert set(LEVELS) <= {"scalar", "avx2", "avx512"}
+    expected = os.environ.get("PYKNN_SIMD", "").strip().lower() or LEVELS[-1]
+    assert pyknn.simd_level() == (LEVELS[-1] if expected == "auto" else expected)
 
 
 def test_set_level_lower_and_restore(simd_level):
@@ -94,28 +95,42 @@ def test_set_level_errors():
     with pytest.raises(TypeError):
         pyknn.set_simd_level(2)
     before = pyknn.simd_level()
-    pyknn.set_simd_level("scalar")
-    pyknn.set_simd_level("auto")
-    assert pyknn.simd_level() == before
+    try:
+        pyknn.set_simd_level("scalar")
+        pyknn.set_simd_level("auto")
+        assert pyknn.simd_level() == LEVELS[-1]
+    finally:
+        pyknn.set_simd_level(before)
 
 
-def _run(env_extra):
+def _run(env_extra, cwd):
+    # cwd outside the checkout: from its root, `import pyknn` would find the source folder.
     env = dict(os.environ, **env_extra)
     return subprocess.run([sys.executable, "-c", "import pyknn; print(pyknn.simd_level())"],
-                          env=env, capture_output=True, text=True)
+                          env=env, capture_output=True, text=True, cwd=cwd)
 
 
 @pytest.mark.parametrize("level", LEVELS)
-def test_env_variable_lowers_level(level):
-    r = _run({"PYKNN_SIMD": level})
+def test_env_variable_lowers_level(level, tmp_path):
+    r = _run({"PYKNN_SIMD": level}, tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == level
 
 
-def test_env_variable_rejects_unknown_level():
-    r = _run({"PYKNN_SIMD": "neon9000"})
+def test_env_variable_rejects_unknown_level(tmp_path):
+    r = _run({"PYKNN_SIMD": "neon9000"}, tmp_path)
     assert r.returncode != 0
     assert "PYKNN_SIMD" in r.stderr and "unknown SIMD level" in r.stderr
+
+
+def test_thread_env_variable(tmp_path):
+    r = subprocess.run([sys.executable, "-c", "import pyknn; print(pyknn.num_threads())"],
+                       env=dict(os.environ, PYKNN_NUM_THREADS="3"), capture_output=True,
+                       text=True, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "3", r.stderr
+    r = subprocess.run([sys.executable, "-c", "import pyknn"], cwd=tmp_path, text=True,
+                       env=dict(os.environ, PYKNN_NUM_THREADS="abc"), capture_output=True)
+    assert r.returncode != 0 and "PYKNN_NUM_THREADS='abc'" in r.stderr
 
 
 def test_search_identical_results_across_levels():

@@ -6,7 +6,7 @@
 
 namespace pyknn {
 
-enum class ErrorKind { Value, Key, Type, Format, IO, Runtime };
+enum class ErrorKind { Value, Key, Format, IO, Runtime };
 
 class Error : public std::runtime_error {
  public:

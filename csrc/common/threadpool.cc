@@ -1,5 +1,8 @@
 #include "common/threadpool.h"
 
+#include <pthread.h>
+#include <sched.h>
+
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -12,6 +15,12 @@ namespace pyknn {
 namespace {
 
 int default_threads() {
+  // The CPUs this process may run on (taskset, cgroup cpusets), not all the machine's.
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) {
+    int n = CPU_COUNT(&set);
+    if (n > 0) return n;
+  }
   unsigned hw = std::thread::hardware_concurrency();
   return hw == 0 ? 1 : static_cast<int>(hw);
 }
@@ -119,10 +128,21 @@ class Pool {
   std::atomic<bool> busy_{false};
 };
 
+Pool* g_pool = nullptr;
+
+// A child process created by fork() has none of the parent's worker threads: it gets a new, empty
+// pool (the parent's is leaked in the child; destroying it would wait for threads that do not exist).
+void reset_pool_in_child() { g_pool = new Pool(); }
+
 Pool& pool() {
   // Leaked on purpose: joining threads during static destruction at interpreter exit can hang.
-  static Pool* p = new Pool();
-  return *p;
+  static const bool init = [] {
+    g_pool = new Pool();
+    pthread_atfork(nullptr, nullptr, reset_pool_in_child);
+    return true;
+  }();
+  (void)init;
+  return *g_pool;
 }
 
 }  // namespace
@@ -132,7 +152,7 @@ int num_threads() {
   return n > 0 ? n : default_threads();
 }
 
-void set_num_threads(int n) { g_num_threads.store(n > 0 ? n : 0); }
+void set_num_threads(int n) { g_num_threads.store(n > 0 ? std::min(n, kMaxThreads) : 0); }
 
 void parallel_for(size_t ntasks, const std::function<void(size_t)>& fn) {
   pool().run(ntasks, fn, num_threads());

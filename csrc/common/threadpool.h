@@ -7,7 +7,8 @@ namespace pyknn {
 
 // Number of threads parallel work may use (>= 1). Default: the machine's hardware threads.
 int num_threads();
-// Sets the thread count; n <= 0 restores the default.
+constexpr int kMaxThreads = 1024;
+// Sets the thread count (at most kMaxThreads); n <= 0 restores the default.
 void set_num_threads(int n);
 
 // Runs fn(task) for task in [0, ntasks), spread over the pool; the caller works too. Returns when all

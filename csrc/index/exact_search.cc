@@ -87,7 +87,9 @@ void Batch::run_task(size_t task) {
   heaps.reserve(q_end - q_begin);
   for (size_t qi = q_begin; qi < q_end; ++qi) heaps.push_back(heap(split, qi));
 
-  if (q_end - q_begin >= kGemmMinQueries) {
+  // The path depends on the batch size only (not on how the batch was split over threads), so
+  // results are identical at any thread count.
+  if (nqb >= kGemmMinQueries) {
     AlignedFloats packed(nbr * d);
     const size_t qtile = query_tile(*K);
     std::vector<float> tile(qtile * nbr);
@@ -241,6 +243,18 @@ void ScoreScan::l2(TopK& h, const float* ip, const float* xn, const float* x, si
 void exact_knn(const ExactSearchInput& in, const float* q, size_t nq, size_t k, float* scores,
                int64_t* rows) {
   if (nq == 0 || k == 0) return;
+  if (k > in.n && in.n > 0) {
+    // At most n results exist: search for n and pad the rest, so huge k costs no heap memory.
+    std::vector<float> s(nq * in.n);
+    std::vector<int64_t> r(nq * in.n);
+    exact_knn(in, q, nq, in.n, s.data(), r.data());
+    for (size_t i = 0; i < nq; ++i) {
+      std::copy(s.begin() + i * in.n, s.begin() + (i + 1) * in.n, scores + i * k);
+      std::copy(r.begin() + i * in.n, r.begin() + (i + 1) * in.n, rows + i * k);
+      pad(scores + i * k, rows + i * k, in.n, k);
+    }
+    return;
+  }
   pad(scores, rows, 0, nq * k);
   if (in.n == 0) return;
   if (in.mask && search_compacted(in, q, nq, k, scores, rows)) return;

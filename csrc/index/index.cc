@@ -1,11 +1,14 @@
 #include "index/index.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <mutex>
 #include <unordered_set>
 
 #include "common/errors.h"
+#include "simd/dispatch.h"
 #include "index/flat.h"
 #include "index/ivf_flat.h"
 
@@ -44,6 +47,22 @@ void check_finite(const float* x, size_t n, size_t d, const char* what) {
                   (std::isnan(row[j]) ? "NaN" : "Inf") + " (at column " + std::to_string(j) +
                   "); nothing was changed");
     }
+  }
+  // Magnitude: squared norms (and so every inner product and squared distance between two
+  // accepted vectors) must stay finite in float32.
+  const simd::Kernels& K = simd::kernels();
+  float norms[256];
+  for (size_t i0 = 0; i0 < n; i0 += 256) {
+    const size_t m = std::min<size_t>(256, n - i0);
+    K.norms_sq(x + i0 * d, m, d, norms);
+    for (size_t i = 0; i < m; ++i)
+      if (!(norms[i] <= kMaxSquaredNorm)) {
+        char buf[64];
+        std::snprintf(buf, sizeof buf, "%.3g", static_cast<double>(norms[i]));
+        throw_value(std::string(what) + " row " + std::to_string(i0 + i) + " has squared norm " +
+                    buf + ", beyond the supported 8.5e+37 (its distances would overflow "
+                    "float32); scale the data down");
+      }
   }
 }
 

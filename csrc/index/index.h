@@ -19,7 +19,11 @@ enum class IndexKind : uint32_t { Flat = 1, IVFFlat = 2 };
 Metric parse_metric(const std::string& name);
 const char* metric_name(Metric m);
 
-// Throws ValueError naming the first row of x (n x d) that holds NaN or Inf.
+// Largest accepted squared norm: a quarter of FLT_MAX, so that ||x - y||^2 <= 4 max stays finite.
+constexpr float kMaxSquaredNorm = 8.5e37f;
+
+// Throws ValueError naming the first row of x (n x d) that holds NaN or Inf, or whose squared norm
+// exceeds kMaxSquaredNorm.
 void check_finite(const float* x, size_t n, size_t d, const char* what);
 // out[i] = x[i] / ||x[i]|| (out may equal x); throws ValueError naming the first zero row.
 void normalize_rows(const float* x, size_t n, size_t d, float* out, const char* what);

@@ -24,11 +24,17 @@ constexpr size_t kGemmMinQueries = 4;
 constexpr double kMinSplitWork = 2e6;
 }  // namespace
 
-IVFFlatIndex::IVFFlatIndex(size_t dim, Metric metric, size_t nlist)
-    : Index(dim, metric), nlist_(nlist) {
+IVFFlatIndex::IVFFlatIndex(size_t dim, Metric metric, size_t nlist, size_t nprobe)
+    : Index(dim, metric), nlist_(nlist), nprobe_(1) {
   if (nlist < 1) throw_value("nlist must be at least 1, got 0");
   if (nlist > (size_t(1) << 22))
     throw_value("nlist " + std::to_string(nlist) + " is larger than the supported maximum 4194304");
+  set_nprobe(nprobe);
+}
+
+void IVFFlatIndex::set_nprobe(size_t nprobe) {
+  if (nprobe < 1) throw_value("nprobe must be at least 1, got 0");
+  nprobe_.store(nprobe);
 }
 
 bool IVFFlatIndex::is_trained() const {
@@ -98,6 +104,8 @@ void IVFFlatIndex::add(const float* x, size_t n, const int64_t* ids) {
   std::vector<size_t> extra(nlist_, 0);
   std::vector<int64_t> loc(n);
   for (size_t i = 0; i < n; ++i) {
+    if (labels[i] < 0 || static_cast<size_t>(labels[i]) >= nlist_)
+      throw Error(ErrorKind::Runtime, "vector " + std::to_string(i) + " was not assigned a cell");
     const size_t l = static_cast<size_t>(labels[i]);
     loc[i] = encode(l, lists_[l].ids.size() + extra[l]++);
   }
@@ -189,6 +197,8 @@ void IVFFlatIndex::search(const float* q, size_t nq, size_t k, size_t nprobe, co
                            : -std::numeric_limits<float>::infinity();
   nprobe = std::min(nprobe, nlist_);
   if (nq == 0 || k == 0) return;
+  const size_t k_out = k;
+  k = std::max<size_t>(1, std::min(k, ntotal_));  // heaps never need more than ntotal entries
 
   // Coarse step: the nprobe nearest centroids of every query, with the batched kernel.
   std::vector<float> cscore(nq * nprobe);
@@ -310,15 +320,15 @@ void IVFFlatIndex::search(const float* q, size_t nq, size_t k, size_t nprobe, co
   }
 
   for (size_t qi = 0; qi < nq; ++qi) {
-    TopK out(distances + qi * k, out_ids + qi * k, k);
+    TopK out(distances + qi * k_out, out_ids + qi * k_out, k);
     for (size_t part = 0; part < parts; ++part) {
       const size_t slot = part * nq + qi;
       for (size_t j = 0; j < hsize[slot]; ++j) out.push(hs[slot * k + j], hr[slot * k + j]);
     }
     out.sort_best_first();
-    for (size_t j = 0; j < k; ++j) {
-      float& dist = distances[qi * k + j];
-      int64_t& id = out_ids[qi * k + j];
+    for (size_t j = 0; j < k_out; ++j) {
+      float& dist = distances[qi * k_out + j];
+      int64_t& id = out_ids[qi * k_out + j];
       if (j >= out.size) {
         dist = pad_out;
         id = -1;
@@ -387,7 +397,7 @@ std::vector<float> IVFFlatIndex::centroids() const {
 }
 
 void IVFFlatIndex::write_body(Writer& w) const {
-  const uint64_t params[2] = {nlist_, centroids_.empty() ? 0u : 1u};
+  const uint64_t params[3] = {nlist_, centroids_.empty() ? 0u : 1u, nprobe_.load()};
   w.section("PARM", params, sizeof params);
   w.section("CENT", centroids_.data(), centroids_.size() * sizeof(float));
   std::vector<uint64_t> sizes(nlist_, 0);
@@ -401,15 +411,16 @@ void IVFFlatIndex::write_body(Writer& w) const {
 }
 
 std::unique_ptr<IVFFlatIndex> IVFFlatIndex::read_body(Reader& r, const FileHeader& h) {
-  uint64_t params[2];
+  uint64_t params[3];
   r.section("PARM", params, sizeof params);
   const uint64_t nlist = params[0];
-  if (nlist < 1 || nlist > (uint64_t(1) << 22) || params[1] > 1)
-    throw_format("corrupted index file: invalid IVF parameters (nlist " + std::to_string(nlist) + ")");
-  auto idx = std::make_unique<IVFFlatIndex>(h.dim, static_cast<Metric>(h.metric), nlist);
+  if (nlist < 1 || nlist > (uint64_t(1) << 22) || params[1] > 1 || params[2] < 1)
+    throw_format("corrupted index file: invalid IVF parameters (nlist " + std::to_string(nlist) +
+                 ", nprobe " + std::to_string(params[2]) + ")");
+  auto idx = std::make_unique<IVFFlatIndex>(h.dim, static_cast<Metric>(h.metric), nlist, params[2]);
   const uint64_t cbytes = params[1] ? nlist * h.dim * sizeof(float) : 0;
-  idx->centroids_.resize(cbytes / sizeof(float));
   if (cbytes > r.remaining()) throw_format("truncated index file: centroids missing");
+  idx->centroids_.resize(cbytes / sizeof(float));
   r.section("CENT", idx->centroids_.data(), cbytes);
   std::vector<uint64_t> sizes(nlist);
   r.section("LSIZ", sizes.data(), nlist * sizeof(uint64_t));

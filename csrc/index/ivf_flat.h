@@ -1,6 +1,7 @@
 // IVFFlatIndex: k-means partitions the space into nlist cells; a search scans the nprobe cells
 // whose centroids are nearest to the query, with full-precision vectors stored per cell.
 #pragma once
+#include <atomic>
 #include <vector>
 
 #include "common/aligned.h"
@@ -11,10 +12,13 @@ namespace pyknn {
 
 class IVFFlatIndex : public Index {
  public:
-  IVFFlatIndex(size_t dim, Metric metric, size_t nlist);
+  IVFFlatIndex(size_t dim, Metric metric, size_t nlist, size_t nprobe = 8);
 
   IndexKind kind() const override { return IndexKind::IVFFlat; }
   size_t nlist() const { return nlist_; }
+  // Default number of cells a search scans (saved with the index).
+  size_t nprobe() const { return nprobe_.load(); }
+  void set_nprobe(size_t nprobe);
   bool is_trained() const;
 
   // k-means on x (n >= nlist); only while the index holds no vectors.
@@ -67,6 +71,7 @@ class IVFFlatIndex : public Index {
   void require_trained(const char* what) const;
 
   size_t nlist_;
+  std::atomic<size_t> nprobe_;
   std::vector<float> centroids_;  // nlist x dim once trained, else empty
   std::vector<List> lists_;
   IdMap ids_;                     // user id -> encoded location

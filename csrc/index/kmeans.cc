@@ -96,7 +96,11 @@ std::vector<size_t> update_centroids(const float* x, size_t n, size_t d, size_t 
                                      const std::vector<int64_t>& labels, bool spherical,
                                      float* centroids) {
   std::vector<size_t> count(k, 0), start(k + 1, 0);
-  for (size_t i = 0; i < n; ++i) ++count[static_cast<size_t>(labels[i])];
+  for (size_t i = 0; i < n; ++i) {
+    if (labels[i] < 0 || static_cast<size_t>(labels[i]) >= k)
+      throw Error(ErrorKind::Runtime, "k-means: point " + std::to_string(i) + " was not assigned");
+    ++count[static_cast<size_t>(labels[i])];
+  }
   for (size_t c = 0; c < k; ++c) start[c + 1] = start[c] + count[c];
   std::vector<size_t> order(n), fill(start.begin(), start.end() - 1);
   for (size_t i = 0; i < n; ++i) order[fill[static_cast<size_t>(labels[i])]++] = i;
@@ -163,6 +167,7 @@ void kmeans_assign(const float* x, size_t n, size_t d, const float* centroids, s
 KMeansResult kmeans_fit(const float* x, size_t n, size_t d, const KMeansParams& p) {
   const size_t k = p.n_clusters;
   if (k < 1) throw_value("n_clusters must be at least 1, got 0");
+  if (d < 1) throw_value("k-means needs vectors of at least 1 dimension, got 0");
   if (n < k)
     throw_value("k-means needs at least as many points as clusters: got " + std::to_string(n) +
                 " points for " + std::to_string(k) + " clusters");

@@ -78,7 +78,11 @@ void BytesWriter::put(const void* data, size_t len) {
 
 AtomicFileWriter::AtomicFileWriter(const std::string& path) : path_(path) {
   std::random_device rd;
-  tmp_ = path + ".tmp-" + std::to_string(getpid()) + "-" + std::to_string(rd());
+  // A short name in the same folder (so rename is atomic), valid even when `path`'s own name is
+  // near the file-system limit.
+  const size_t slash = path.rfind('/');
+  dir_ = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+  tmp_ = dir_ + "/.pyknn-" + std::to_string(getpid()) + "-" + std::to_string(rd()) + ".tmp";
   f_ = std::fopen(tmp_.c_str(), "wb");
   if (!f_) throw_os(os_error("cannot create", tmp_));
 }
@@ -110,6 +114,12 @@ void AtomicFileWriter::commit() {
     std::string msg = os_error("cannot rename temporary file to", path_);
     std::remove(tmp_.c_str());
     throw Error(ErrorKind::IO, msg, err);
+  }
+  // Make the rename itself durable.
+  int dfd = ::open(dir_.c_str(), O_RDONLY | O_DIRECTORY);
+  if (dfd >= 0) {
+    ::fsync(dfd);
+    ::close(dfd);
   }
 }
 

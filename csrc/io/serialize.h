@@ -70,7 +70,7 @@ class AtomicFileWriter : public Writer {
   void put(const void* data, size_t len) override;
 
  private:
-  std::string path_, tmp_;
+  std::string path_, dir_, tmp_;
   std::FILE* f_ = nullptr;
 };
 

@@ -128,11 +128,12 @@ void bind_indexes(py::module_& m) {
   def_storage<FlatIndex>(flat);
 
   py::class_<IVFFlatIndex, Index> ivf(m, "IVFFlatIndex");
-  ivf.def(py::init([](size_t dim, const std::string& metric, size_t nlist) {
-            return std::make_unique<IVFFlatIndex>(dim, parse_metric(metric), nlist);
+  ivf.def(py::init([](size_t dim, const std::string& metric, size_t nlist, size_t nprobe) {
+            return std::make_unique<IVFFlatIndex>(dim, parse_metric(metric), nlist, nprobe);
           }),
-          py::arg("dim"), py::arg("metric"), py::arg("nlist"))
+          py::arg("dim"), py::arg("metric"), py::arg("nlist"), py::arg("nprobe"))
       .def_property_readonly("nlist", &IVFFlatIndex::nlist)
+      .def_property("nprobe", &IVFFlatIndex::nprobe, &IVFFlatIndex::set_nprobe)
       .def_property_readonly("is_trained", &IVFFlatIndex::is_trained)
       .def("train",
            [](IVFFlatIndex& idx, FloatArray x, int n_iter, uint64_t seed) {

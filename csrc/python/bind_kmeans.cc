@@ -25,7 +25,7 @@ void bind_kmeans(py::module_& m) {
           }
           py::array_t<float> c({n_clusters, d});
           std::copy(r.centroids.begin(), r.centroids.end(), c.mutable_data());
-          return py::make_tuple(c, r.inertia, r.n_iter, r.n_train);
+          return py::make_tuple(c, r.inertia, r.n_iter);
         });
   m.def("kmeans_assign", [](FloatArray x, FloatArray centroids, bool inner_product) {
     size_t d = static_cast<size_t>(centroids.shape(1)), k = static_cast<size_t>(centroids.shape(0));

@@ -18,7 +18,6 @@ void translate(std::exception_ptr p) {
     switch (e.kind()) {
       case ErrorKind::Value: PyErr_SetString(PyExc_ValueError, e.what()); return;
       case ErrorKind::Key: PyErr_SetString(PyExc_KeyError, e.what()); return;
-      case ErrorKind::Type: PyErr_SetString(PyExc_TypeError, e.what()); return;
       case ErrorKind::Format: PyErr_SetString(g_format_error, e.what()); return;
       case ErrorKind::IO: {
         // OSError(errno, msg) becomes FileNotFoundError, PermissionError ... as appropriate.

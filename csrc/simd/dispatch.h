@@ -32,7 +32,7 @@ struct Kernels {
                float* out, size_t ldo);
   // Writes the positions j < n with s[j] >= thr to idx in ascending order; returns their count.
   size_t (*select_ge)(const float* s, size_t n, float thr, uint32_t* idx);
-  // The largest of s[0..n) (-inf when n == 0; NaN entries are ignored).
+  // The largest of s[0..n) (-inf when n == 0); s must not hold NaN.
   float (*max)(const float* s, size_t n);
 };
 

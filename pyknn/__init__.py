@@ -1,6 +1,15 @@
 """pyknn: vector search for retrieval, with SIMD-dispatched C++ kernels."""
 from ._version import __version__
-from ._core import FormatError
+
+try:
+    from ._core import FormatError
+except ImportError as e:  # pragma: no cover - only in a source checkout without a build
+    import os as _os
+    raise ImportError(
+        f"pyknn's compiled core could not be imported ({e}). If you are running Python from the "
+        f"root of a pyknn source checkout, the folder {_os.path.dirname(__file__)} shadows the "
+        "installed package: run from another directory, or install in place with "
+        "'pip install -e .'.") from None
 from ._simd import simd_level, set_simd_level, available_simd_levels, num_threads, set_num_threads
 from .indexes import FlatIndex, IVFFlatIndex, load
 from .kmeans import KMeans

@@ -14,14 +14,14 @@ namespace pyknn {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-// Below this many queries per task, packing a block costs more than it saves.
+// Below this many queries in a batch, packing a block costs more than it saves.
 constexpr size_t kGemmMinQueries = 4;
 // Scores screened per select_ge call: the threshold is refreshed between chunks.
 constexpr size_t kScanChunk = 128;
 // Work (multiply-adds) below which waking the pool costs more than it saves.
 constexpr double kMinParallelWork = 1 << 20;
 
-// Vectors per packed block: about 512 KB of panels, a multiple of the panel width.
+// Vectors per packed block: about 1 MB of panels (half an L2), a multiple of the panel width.
 size_t block_rows(const simd::Kernels& K, size_t d) {
   size_t nr = static_cast<size_t>(K.nr);
   size_t nb = (size_t(1) << 18) / std::max<size_t>(d, 1) / nr * nr;

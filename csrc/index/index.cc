@@ -10,6 +10,7 @@
 #include "common/errors.h"
 #include "simd/dispatch.h"
 #include "index/flat.h"
+#include "index/hnsw.h"
 #include "index/ivf_flat.h"
 
 namespace pyknn {
@@ -272,6 +273,7 @@ std::unique_ptr<Index> read_any(Reader& r) {
   switch (static_cast<IndexKind>(h.kind)) {
     case IndexKind::Flat: idx = FlatIndex::read_body(r, h); break;
     case IndexKind::IVFFlat: idx = IVFFlatIndex::read_body(r, h); break;
+    case IndexKind::HNSW: idx = HNSWIndex::read_body(r, h); break;
     default:
       throw_format("unknown index kind " + std::to_string(h.kind) +
                    " (written by a newer pyknn?)");

@@ -2,6 +2,7 @@
 #include <pybind11/stl.h>
 
 #include "index/flat.h"
+#include "index/hnsw.h"
 #include "index/ivf_flat.h"
 #include "python/common.h"
 
@@ -161,6 +162,31 @@ void bind_indexes(py::module_& m) {
         return out;
       });
   def_storage<IVFFlatIndex>(ivf);
+
+  py::class_<HNSWIndex, Index> hnsw(m, "HNSWIndex");
+  hnsw.def(py::init([](size_t dim, const std::string& metric, size_t M, size_t ef_construction,
+                       uint64_t seed) {
+             return std::make_unique<HNSWIndex>(dim, parse_metric(metric), M, ef_construction,
+                                                seed);
+           }),
+           py::arg("dim"), py::arg("metric"), py::arg("M"), py::arg("ef_construction"),
+           py::arg("seed"))
+      .def_property_readonly("M", &HNSWIndex::M)
+      .def_property_readonly("ef_construction", &HNSWIndex::ef_construction)
+      .def_property_readonly("seed", &HNSWIndex::seed)
+      .def_property_readonly("max_level", &HNSWIndex::max_level)
+      .def("search",
+           [](const HNSWIndex& idx, FloatArray q, size_t k, size_t ef_search,
+              py::object filter_ids, py::object filter_mask) {
+             size_t nq = rows_checked(q, idx.dim(), "queries");
+             FilterArgs f(filter_ids, filter_mask);
+             return search_into(nq, k, [&](float* D, int64_t* I) {
+               idx.search(q.data(), nq, k, ef_search, f.filter, D, I);
+             });
+           },
+           py::arg("q"), py::arg("k"), py::arg("ef_search"), py::arg("filter_ids") = py::none(),
+           py::arg("filter_mask") = py::none());
+  def_storage<HNSWIndex>(hnsw);
 
   m.def("load", [](const std::string& path) {
     py::gil_scoped_release nogil;

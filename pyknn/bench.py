@@ -35,7 +35,7 @@ import numpy as np
 from . import _simd
 from ._version import __version__
 from .evaluation import ground_truth, mrr_at_k, ndcg_at_k, recall_at_k
-from .indexes import FlatIndex, IVFFlatIndex
+from .indexes import FlatIndex, HNSWIndex, IVFFlatIndex
 
 __all__ = [
     "BenchData", "IndexSpec", "register", "registered_specs", "get_spec", "select_specs",
@@ -272,6 +272,22 @@ register(IndexSpec(name="IVFFlatIndex", family="IVF-Flat", build=_build_ivf_flat
                    settings=[{"nprobe": p} for p in IVF_NPROBE_SWEEP]))
 
 
+# HNSW: the same M and ef_construction for every library; the sweep is over ef_search.
+HNSW_PARAMS = {"M": 16, "ef_construction": 200}
+HNSW_EF_SWEEP = (16, 32, 64, 128, 256, 512)
+
+
+def _build_hnsw(data, threads, M, ef_construction):
+    _simd.set_num_threads(threads)
+    index = HNSWIndex(data.dim, M=M, ef_construction=ef_construction, metric=data.metric)
+    index.add(data.base)
+    return index
+
+
+register(IndexSpec(name="HNSWIndex", family="HNSW", build=_build_hnsw, params=HNSW_PARAMS,
+                   settings=[{"ef_search": ef} for ef in HNSW_EF_SWEEP]))
+
+
 # --------------------------------------------------------------------------- peers
 # faiss: IndexFlatIP / IndexFlatL2; cosine is IP over normalised copies (as faiss documents).
 def _build_faiss_flat(data, threads):
@@ -387,6 +403,90 @@ register(IndexSpec(
     params={"nlist": "auto"}, settings=[{"nprobe": p} for p in IVF_NPROBE_SWEEP],
     memory=_faiss_ivf_memory,
     memory_note="ntotal * (code_size + 8-byte id) + nlist * dim * 4 (lists and centroids)"))
+
+
+# HNSW peers, built with the same M / ef_construction and searched over the same ef sweep.
+def _build_hnswlib(data, threads, M, ef_construction):
+    import hnswlib
+    index = hnswlib.Index(space=data.metric, dim=data.dim)
+    index.init_index(max_elements=data.n, ef_construction=ef_construction, M=M)
+    index.set_num_threads(threads)
+    index.add_items(data.base)
+    return index
+
+
+def _search_hnswlib_ef(index, queries, k, threads, ef_search):
+    index.set_ef(max(ef_search, k))
+    return _search_hnswlib(index, queries, k, threads)
+
+
+def _hnswlib_memory(index, data):
+    # Per element: the vector, an 8-byte label and the level-0 list (count + 2M links); upper
+    # levels hold about 1/M of the elements with M links each.
+    M = index.M
+    return index.element_count * (4 * data.dim + 8 + 4 * (2 * M + 1) + 4 * (M + 1) // max(M - 1, 1))
+
+
+register(IndexSpec(
+    name="hnswlib Index", family="HNSW", library="hnswlib", requires="hnswlib", install="hnswlib",
+    build=_build_hnswlib, search=_search_hnswlib_ef, params=HNSW_PARAMS,
+    settings=[{"ef_search": ef} for ef in HNSW_EF_SWEEP], memory=_hnswlib_memory,
+    memory_note="estimate: n * (4 dim + 8-byte label + level-0 links) + upper-level links"))
+
+
+def _build_faiss_hnsw(data, threads, M, ef_construction):
+    import faiss
+    faiss.omp_set_num_threads(threads)
+    ip = data.metric != "l2"
+    index = faiss.IndexHNSWFlat(data.dim, M, faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2)
+    index.hnsw.efConstruction = ef_construction
+    base = data.base
+    if data.metric == "cosine":
+        base = base.copy()
+        faiss.normalize_L2(base)
+    index.add(base)
+    return index, data.metric == "cosine"
+
+
+def _search_faiss_hnsw(built, queries, k, threads, ef_search):
+    built[0].hnsw.efSearch = max(ef_search, k)
+    return _search_faiss(built, queries, k, threads)
+
+
+def _faiss_hnsw_memory(built, data):
+    index = built[0]
+    return int(index.ntotal) * data.dim * 4 + int(index.hnsw.neighbors.size()) * 4 + \
+        int(index.hnsw.offsets.size()) * 8 + int(index.hnsw.levels.size()) * 4
+
+
+register(IndexSpec(
+    name="faiss IndexHNSWFlat", family="HNSW", library="faiss", requires="faiss",
+    install="faiss-cpu", build=_build_faiss_hnsw, search=_search_faiss_hnsw, params=HNSW_PARAMS,
+    settings=[{"ef_search": ef} for ef in HNSW_EF_SWEEP], memory=_faiss_hnsw_memory,
+    memory_note="vectors + neighbour, offset and level arrays"))
+
+
+def _build_usearch(data, threads, M, ef_construction):
+    from usearch.index import Index
+    metric = {"ip": "ip", "l2": "l2sq", "cosine": "cos"}[data.metric]
+    index = Index(ndim=data.dim, metric=metric, connectivity=M, expansion_add=ef_construction,
+                  dtype="f32")
+    index.add(np.arange(data.n), data.base, threads=threads)
+    return index
+
+
+def _search_usearch(index, queries, k, threads, ef_search):
+    index.expansion_search = max(ef_search, k)
+    m = index.search(queries, k, threads=threads)
+    return np.asarray(m.keys).astype(np.int64).reshape(queries.shape[0], -1)
+
+
+register(IndexSpec(
+    name="usearch Index", family="HNSW", library="usearch", requires="usearch", install="usearch",
+    build=_build_usearch, search=_search_usearch, params=HNSW_PARAMS,
+    settings=[{"ef_search": ef} for ef in HNSW_EF_SWEEP],
+    memory=lambda index, data: int(index.memory_usage),
+    memory_note="usearch's own memory_usage"))
 
 
 # --------------------------------------------------------------------------- measurement

@@ -37,7 +37,8 @@ void FlatIndex::add(const float* x, size_t n, const int64_t* ids) {
 
 void FlatIndex::search(const float* q, size_t nq, size_t k, const Filter& filter,
                        float* distances, int64_t* ids) const {
-  std::vector<float> queries = prepare_queries(q, nq);
+  std::vector<float> unit;
+  const float* queries = prepare_queries(q, nq, unit);
   std::shared_lock<std::shared_mutex> lk(mu_);
   std::vector<uint8_t> mask;
   if (filter.active()) mask = filter_mask(filter, ids_, row_ids_.size());
@@ -47,7 +48,7 @@ void FlatIndex::search(const float* q, size_t nq, size_t k, const Filter& filter
   in.d = dim_;
   in.l2 = metric_ == Metric::L2;
   in.mask = filter.active() ? mask.data() : nullptr;
-  exact_knn(in, queries.data(), nq, k, distances, ids);
+  exact_knn(in, queries, nq, k, distances, ids);
   const float pad = in.l2 ? std::numeric_limits<float>::infinity()
                           : -std::numeric_limits<float>::infinity();
   for (size_t i = 0; i < nq * k; ++i) {

@@ -243,11 +243,13 @@ std::string Index::to_bytes() const {
   return std::move(w.bytes());
 }
 
-std::vector<float> Index::prepare_queries(const float* q, size_t nq) const {
+const float* Index::prepare_queries(const float* q, size_t nq,
+                                    std::vector<float>& storage) const {
   check_finite(q, nq, dim_, "queries");
-  std::vector<float> out(q, q + nq * dim_);
-  if (metric_ == Metric::Cosine) normalize_rows(out.data(), nq, dim_, out.data(), "queries");
-  return out;
+  if (metric_ != Metric::Cosine) return q;  // no copy: large batches stay where they are
+  storage.resize(nq * dim_);
+  normalize_rows(q, nq, dim_, storage.data(), "queries");
+  return storage.data();
 }
 
 std::vector<float> Index::prepare_vectors(const float* x, size_t n) const {

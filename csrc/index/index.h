@@ -101,8 +101,9 @@ class Index {
   virtual size_t bytes_used() const = 0;
   virtual void write_body(Writer& w) const = 0;
   void write_all(Writer& w) const;
-  // Queries ready for search: finite, and unit-normalised for cosine.
-  std::vector<float> prepare_queries(const float* q, size_t nq) const;
+  // Queries ready for search: checks them, and returns q itself or, for cosine, a unit-normalised
+  // copy kept in `storage`.
+  const float* prepare_queries(const float* q, size_t nq, std::vector<float>& storage) const;
   // Checks vectors to add (finite; non-zero for cosine). Returns their unit-normalised copy for
   // cosine, else an empty vector (store x as given).
   std::vector<float> prepare_vectors(const float* x, size_t n) const;

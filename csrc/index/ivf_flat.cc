@@ -189,7 +189,8 @@ void IVFFlatIndex::scan_list_group(const simd::Kernels& K, const ScoreScan& scan
 void IVFFlatIndex::search(const float* q, size_t nq, size_t k, size_t nprobe, const Filter& filter,
                           float* distances, int64_t* out_ids) const {
   if (nprobe < 1) throw_value("nprobe must be at least 1, got 0");
-  std::vector<float> queries = prepare_queries(q, nq);
+  std::vector<float> unit;
+  const float* queries = prepare_queries(q, nq, unit);
   std::shared_lock<std::shared_mutex> lk(mu_);
   require_trained("search()");
   const bool l2 = metric_ == Metric::L2;
@@ -209,7 +210,7 @@ void IVFFlatIndex::search(const float* q, size_t nq, size_t k, size_t nprobe, co
     cin.n = nlist_;
     cin.d = dim_;
     cin.l2 = l2;
-    exact_knn(cin, queries.data(), nq, nprobe, cscore.data(), probes.data());
+    exact_knn(cin, queries, nq, nprobe, cscore.data(), probes.data());
   }
 
   // Filter: a 0/1 mask per stored vector, laid out list by list.
@@ -236,7 +237,7 @@ void IVFFlatIndex::search(const float* q, size_t nq, size_t k, size_t nprobe, co
   size_t max_list = 0;
   for (const List& l : lists_) max_list = std::max(max_list, l.ids.size());
   std::vector<float> qn(nq);
-  if (l2) K.norms_sq(queries.data(), nq, dim_, qn.data());
+  if (l2) K.norms_sq(queries, nq, dim_, qn.data());
 
   // Heaps per (part, query); parts are merged below. Either the queries' probes are split over
   // the threads (few queries), or the lists are (batches, see below).
@@ -263,7 +264,7 @@ void IVFFlatIndex::search(const float* q, size_t nq, size_t k, size_t nprobe, co
       std::vector<uint32_t> idx(max_list);
       const size_t slot = part * nq + qi;
       TopK h(hs.data() + slot * k, hr.data() + slot * k, k);
-      const float* qv = queries.data() + qi * dim_;
+      const float* qv = queries + qi * dim_;
       for (size_t p = nprobe * part / parts; p < nprobe * (part + 1) / parts; ++p) {
         const int64_t l = probes[qi * nprobe + p];
         if (l < 0 || lists_[static_cast<size_t>(l)].ids.empty()) continue;
@@ -312,7 +313,7 @@ void IVFFlatIndex::search(const float* q, size_t nq, size_t k, size_t nprobe, co
         heaps.emplace_back(hs.data() + (w * nq + qi) * k, hr.data() + (w * nq + qi) * k, k);
       for (size_t l = lbegin[w]; l < lbegin[w + 1]; ++l) {
         if (lists_[l].ids.empty() || qstart[l] == qstart[l + 1]) continue;
-        scan_list_group(K, scan, heaps, queries.data(), qn.data(), qorder.data() + qstart[l],
+        scan_list_group(K, scan, heaps, queries, qn.data(), qorder.data() + qstart[l],
                         qstart[l + 1] - qstart[l], l, maskp ? maskp + prefix[l] : nullptr, g);
       }
       for (size_t qi = 0; qi < nq; ++qi) hsize[w * nq + qi] = heaps[qi].size;

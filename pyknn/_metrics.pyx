@@ -92,6 +92,19 @@ cdef inline bint _set_take(IdSet* s, int64_t key) noexcept nogil:
     return False
 
 
+cdef inline Py_ssize_t _fill_set(IdSet* s, const int64_t[:, ::1] ids, Py_ssize_t i,
+                                 Py_ssize_t n) noexcept nogil:
+    """Empty the set, then insert the valid ids of ids[i, :n]; return how many distinct ones."""
+    cdef Py_ssize_t j, count = 0
+    cdef int64_t v
+    _set_clear(s)
+    for j in range(n):
+        v = ids[i, j]
+        if v != EMPTY and _set_insert(s, v):
+            count += 1
+    return count
+
+
 cdef tuple _finish(Py_ssize_t n_valid, double total, object out):
     return (total / n_valid if n_valid > 0 else float("nan")), out
 
@@ -120,12 +133,7 @@ def recall_at_k(const int64_t[:, ::1] found, const int64_t[:, ::1] truth, Py_ssi
         raise MemoryError()
     with nogil:
         for i in range(nq):
-            _set_clear(&s)
-            n_truth = 0
-            for j in range(kt):
-                v = truth[i, j]
-                if v != EMPTY and _set_insert(&s, v):
-                    n_truth += 1
+            n_truth = _fill_set(&s, truth, i, kt)
             if n_truth == 0:
                 res[i] = NAN
                 continue
@@ -173,12 +181,7 @@ def ndcg_at_k(const int64_t[:, ::1] found, const int64_t[:, ::1] relevant, Py_ss
         for j in range(n_disc):
             disc[j] = 1.0 / log2(<double>(j + 2))
         for i in range(nq):
-            _set_clear(&s)
-            n_rel = 0
-            for j in range(r):
-                v = relevant[i, j]
-                if v != EMPTY and _set_insert(&s, v):
-                    n_rel += 1
+            n_rel = _fill_set(&s, relevant, i, r)
             if n_rel == 0:
                 res[i] = NAN
                 continue
@@ -221,12 +224,7 @@ def mrr_at_k(const int64_t[:, ::1] found, const int64_t[:, ::1] relevant, Py_ssi
         raise MemoryError()
     with nogil:
         for i in range(nq):
-            _set_clear(&s)
-            n_rel = 0
-            for j in range(r):
-                v = relevant[i, j]
-                if v != EMPTY and _set_insert(&s, v):
-                    n_rel += 1
+            n_rel = _fill_set(&s, relevant, i, r)
             if n_rel == 0:
                 res[i] = NAN
                 continue

@@ -289,16 +289,22 @@ register(IndexSpec(name="HNSWIndex", family="HNSW", build=_build_hnsw, params=HN
 
 
 # --------------------------------------------------------------------------- peers
+def _faiss_base(data):
+    """The base vectors as faiss needs them: cosine is inner product over normalised copies."""
+    if data.metric != "cosine":
+        return data.base
+    import faiss
+    base = data.base.copy()
+    faiss.normalize_L2(base)
+    return base
+
+
 # faiss: IndexFlatIP / IndexFlatL2; cosine is IP over normalised copies (as faiss documents).
 def _build_faiss_flat(data, threads):
     import faiss
     faiss.omp_set_num_threads(threads)
     index = (faiss.IndexFlatL2 if data.metric == "l2" else faiss.IndexFlatIP)(data.dim)
-    base = data.base
-    if data.metric == "cosine":
-        base = base.copy()
-        faiss.normalize_L2(base)
-    index.add(base)
+    index.add(_faiss_base(data))
     return index, data.metric == "cosine"
 
 
@@ -373,10 +379,7 @@ def _build_faiss_ivf(data, threads, nlist="auto"):
     faiss.omp_set_num_threads(threads)
     nlist = _nlist(data, nlist)
     ip = data.metric != "l2"
-    base = data.base
-    if data.metric == "cosine":
-        base = base.copy()
-        faiss.normalize_L2(base)
+    base = _faiss_base(data)
     quantizer = faiss.IndexFlatIP(data.dim) if ip else faiss.IndexFlatL2(data.dim)
     index = faiss.IndexIVFFlat(quantizer, data.dim, nlist,
                                faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2)
@@ -440,11 +443,7 @@ def _build_faiss_hnsw(data, threads, M, ef_construction):
     ip = data.metric != "l2"
     index = faiss.IndexHNSWFlat(data.dim, M, faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2)
     index.hnsw.efConstruction = ef_construction
-    base = data.base
-    if data.metric == "cosine":
-        base = base.copy()
-        faiss.normalize_L2(base)
-    index.add(base)
+    index.add(_faiss_base(data))
     return index, data.metric == "cosine"
 
 

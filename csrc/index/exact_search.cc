@@ -72,10 +72,12 @@ void Batch::run_task(size_t task) {
   const size_t S = plan.splits_rows, C = plan.splits_queries;
   const size_t split = task % S, chunk = task / S;
   const size_t n = in->n, d = in->d;
-  // Rows of this split, in whole blocks.
-  const size_t nblocks = (n + nb - 1) / nb;
-  const size_t b0 = nblocks * split / S, b1 = nblocks * (split + 1) / S;
-  const size_t r_begin = b0 * nb, r_end = std::min(n, b1 * nb);
+  // Rows of this split: an equal share in whole panels (whole blocks would leave one thread
+  // idle for much of the time when there are only a few blocks, e.g. 1,024 k-means centroids).
+  const size_t nr = static_cast<size_t>(K->nr);
+  const size_t npanels = (n + nr - 1) / nr;
+  const size_t r_begin = std::min(n, npanels * split / S * nr);
+  const size_t r_end = std::min(n, npanels * (split + 1) / S * nr);
   const size_t q_begin = nqb * chunk / C, q_end = nqb * (chunk + 1) / C;
   if (r_begin >= r_end || q_begin >= q_end) return;
   const size_t nbr = (nb + K->nr - 1) / K->nr * K->nr;

@@ -294,7 +294,9 @@ void exact_knn(const ExactSearchInput& in, const float* q, size_t nq, size_t k, 
     b.nb = nb;
     b.gamma = l2_error_factor(d);
     b.plan = make_plan(in.n, nqb, d, nb);
-    if (in.l2) {
+    if (in.l2 && in.query_norms) {
+      b.qn = in.query_norms + qb0;
+    } else if (in.l2) {
       qn.resize(nqb);
       K.norms_sq(b.q, nqb, d, qn.data());
       b.qn = qn.data();

@@ -15,6 +15,7 @@ struct ExactSearchInput {
   size_t d = 0;
   bool l2 = false;                // squared L2; otherwise inner product (cosine: normalise first)
   const uint8_t* mask = nullptr;  // optional: rows with mask[row] == 0 are never returned
+  const float* query_norms = nullptr;  // optional (L2): the queries' squared norms, if known
 };
 
 // For each of the nq queries (row-major, nq x d) writes its k best rows to rows[q * k ...] and

@@ -153,12 +153,13 @@ void split_empty(std::vector<size_t>& count, size_t d, bool spherical, float* ce
 }  // namespace
 
 void kmeans_assign(const float* x, size_t n, size_t d, const float* centroids, size_t k,
-                   bool inner_product, int64_t* labels, float* scores) {
+                   bool inner_product, int64_t* labels, float* scores, const float* x_norms) {
   ExactSearchInput in;
   in.x = centroids;
   in.n = k;
   in.d = d;
   in.l2 = !inner_product;
+  in.query_norms = x_norms;
   exact_knn(in, x, n, 1, scores, labels);
   if (!inner_product)
     for (size_t i = 0; i < n; ++i) scores[i] = -scores[i];
@@ -192,9 +193,14 @@ KMeansResult kmeans_fit(const float* x, size_t n, size_t d, const KMeansParams& 
     for (size_t c = 0; c < k; ++c) normalize_centroid(res.centroids.data() + c * d, d);
 
   std::vector<int64_t> labels(m), previous;
-  std::vector<float> scores(m);
+  std::vector<float> scores(m), norms;
+  if (!p.spherical) {  // the points do not change between iterations: their norms neither
+    norms.resize(m);
+    simd::kernels().norms_sq(xs, m, d, norms.data());
+  }
   auto assign = [&] {
-    kmeans_assign(xs, m, d, res.centroids.data(), k, p.spherical, labels.data(), scores.data());
+    kmeans_assign(xs, m, d, res.centroids.data(), k, p.spherical, labels.data(), scores.data(),
+                  p.spherical ? nullptr : norms.data());
   };
   assign();
   int it = 0;

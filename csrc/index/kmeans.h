@@ -28,7 +28,10 @@ KMeansResult kmeans_fit(const float* x, size_t n, size_t d, const KMeansParams& 
 
 // Nearest centroid of each point: labels[i] and its squared distance (or, with `inner_product`,
 // the largest inner product).
+// x_norms: optional squared norms of the points (saves a pass over x per call when assigning
+// the same points repeatedly).
 void kmeans_assign(const float* x, size_t n, size_t d, const float* centroids, size_t k,
-                   bool inner_product, int64_t* labels, float* scores);
+                   bool inner_product, int64_t* labels, float* scores,
+                   const float* x_norms = nullptr);
 
 }  // namespace pyknn

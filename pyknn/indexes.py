@@ -230,17 +230,29 @@ class IVFFlatIndex(_Index):
         """Whether :meth:`train` has run."""
         return self._core.is_trained
 
-    def train(self, x, n_iter: int = 10, seed: int = 0):
+    def train(self, x, n_iter: int = 10, seed: int = 0, init: str = "random"):
         """Learn the nlist cells with k-means on x (n >= nlist rows); returns self.
 
-        n_iter is the number of k-means iterations (10, as FAISS uses for its IVF quantisers). Only
-        allowed while the index holds no vectors. Training sets larger than 256 * nlist are
+        Parameters
+        ----------
+        x : array-like (n, dim), n >= nlist
+        n_iter : int
+            k-means iterations (10, as FAISS uses for its IVF quantisers).
+        seed : int
+            Seed of the subsampling and seeding; the same seed gives the same cells.
+        init : "random" | "k-means++"
+            Seeding of k-means: nlist random training points (as FAISS does), or k-means++
+            (slightly better cells, about 10% longer training for nlist 1024).
+
+        Only allowed while the index holds no vectors. Training sets larger than 256 * nlist are
         subsampled (seeded), as FAISS does.
         """
         x = as_matrix(x, self.dim, "training vectors")
         n_iter = check_positive_int(n_iter, "n_iter", maximum=(1 << 31) - 1)
         seed = check_positive_int(seed, "seed", minimum=0, maximum=(1 << 64) - 1)
-        self._core.train(x, n_iter, seed)
+        if init not in ("random", "k-means++"):
+            raise ValueError(f"init must be 'random' or 'k-means++', got {init!r}")
+        self._core.train(x, n_iter, seed, init == "k-means++")
         return self
 
     def search(self, q, k: int = 10, nprobe=None, filter=None):

@@ -55,7 +55,8 @@ size_t IVFFlatIndex::bytes_used() const {
   return b;
 }
 
-void IVFFlatIndex::train(const float* x, size_t n, int n_iter, uint64_t seed) {
+void IVFFlatIndex::train(const float* x, size_t n, int n_iter, uint64_t seed,
+                         bool kmeans_plus_plus) {
   if (n < nlist_)
     throw_value("training needs at least nlist points: got " + std::to_string(n) +
                 " points for nlist " + std::to_string(nlist_));
@@ -71,6 +72,7 @@ void IVFFlatIndex::train(const float* x, size_t n, int n_iter, uint64_t seed) {
   p.n_clusters = nlist_;
   p.n_iter = n_iter;
   p.seed = seed;
+  p.kmeans_plus_plus = kmeans_plus_plus;
   p.spherical = coarse_ip();
   KMeansResult r = kmeans_fit(x, n, dim_, p);
   std::unique_lock<std::shared_mutex> lk(mu_);

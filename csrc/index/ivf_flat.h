@@ -21,8 +21,9 @@ class IVFFlatIndex : public Index {
   void set_nprobe(size_t nprobe);
   bool is_trained() const;
 
-  // k-means on x (n >= nlist); only while the index holds no vectors.
-  void train(const float* x, size_t n, int n_iter, uint64_t seed);
+  // k-means on x (n >= nlist), seeded with k-means++ or random points; only while the index
+  // holds no vectors.
+  void train(const float* x, size_t n, int n_iter, uint64_t seed, bool kmeans_plus_plus);
   void add(const float* x, size_t n, const int64_t* ids);
   void search(const float* q, size_t nq, size_t k, size_t nprobe, const Filter& filter,
               float* distances, int64_t* ids) const;

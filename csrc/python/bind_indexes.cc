@@ -137,12 +137,12 @@ void bind_indexes(py::module_& m) {
       .def_property("nprobe", &IVFFlatIndex::nprobe, &IVFFlatIndex::set_nprobe)
       .def_property_readonly("is_trained", &IVFFlatIndex::is_trained)
       .def("train",
-           [](IVFFlatIndex& idx, FloatArray x, int n_iter, uint64_t seed) {
+           [](IVFFlatIndex& idx, FloatArray x, int n_iter, uint64_t seed, bool plus_plus) {
              size_t n = rows_checked(x, idx.dim(), "training vectors");
              py::gil_scoped_release nogil;
-             idx.train(x.data(), n, n_iter, seed);
+             idx.train(x.data(), n, n_iter, seed, plus_plus);
            },
-           py::arg("x"), py::arg("n_iter"), py::arg("seed"))
+           py::arg("x"), py::arg("n_iter"), py::arg("seed"), py::arg("kmeans_plus_plus"))
       .def("search",
            [](const IVFFlatIndex& idx, FloatArray q, size_t k, size_t nprobe,
               py::object filter_ids, py::object filter_mask) {

@@ -182,3 +182,21 @@ def test_golden_file_v1_loads():
     np.testing.assert_array_equal(idx.get([20]), [[0, 1, 0, 0]])
     assert idx.search([0, 0, 0.9, 0], 1)[1].tolist() == [[30]]
     assert idx.metadata["model_id"] == "golden"
+
+
+@pytest.mark.parametrize("name,cls,extra", [
+    ("ivf_flat_v1", "IVFFlatIndex", {"nlist": 2, "nprobe": 2}),
+    ("hnsw_v1", "HNSWIndex", {"M": 4, "ef_construction": 16}),
+])
+def test_golden_files_of_other_kinds_load(name, cls, extra):
+    """Format-version-1 files of every index kind keep loading, with the same answers."""
+    idx = pyknn.load(os.path.join(os.path.dirname(__file__), "data", f"{name}.pyknn"))
+    assert type(idx).__name__ == cls and idx.metric == "l2" and len(idx) == 6
+    for key, value in extra.items():
+        assert getattr(idx, key) == value
+    assert sorted(idx.ids.tolist()) == [10, 20, 30, 40, 50, 60]
+    D, I = idx.search([0, 0, 0.9, 0.1], 2)
+    assert I.tolist() == [[30, 60]]
+    np.testing.assert_allclose(D, [[0.02, 0.82]], rtol=1e-5)
+    np.testing.assert_array_equal(idx.get([50]), [[1, 1, 0, 0]])
+    assert idx.metadata["model_id"] == "golden"

@@ -274,7 +274,7 @@ register(IndexSpec(name="IVFFlatIndex", family="IVF-Flat", build=_build_ivf_flat
 
 # HNSW: the same M and ef_construction for every library; the sweep is over ef_search.
 HNSW_PARAMS = {"M": 16, "ef_construction": 200}
-HNSW_EF_SWEEP = (16, 32, 64, 128, 256, 512)
+HNSW_EF_SWEEP = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
 def _build_hnsw(data, threads, M, ef_construction):
@@ -775,13 +775,17 @@ def format_table(results: Sequence[dict]) -> str:
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
-def qps_ratios(results: Sequence[dict], recall_targets=(0.90, 0.95, 0.99)) -> List[dict]:
+def qps_ratios(results: Sequence[dict], recall_targets=(0.90, 0.95, 0.99),
+               interpolate: bool = False) -> List[dict]:
     """pyknn's batch QPS divided by each peer's, per family.
 
     Where both sides have a single row (exact search) the QPS are compared directly
     (``recall_target`` None). For sweeps, the best QPS reaching each recall target is compared,
-    for the targets both sides reach. Returns dicts: family, pyknn, peer, recall_target, ratio.
+    for the targets both sides reach; with ``interpolate``, the QPS at exactly the target on each
+    side's recall-QPS curve (:func:`qps_at_recall`), which does not depend on how close a sweep
+    point happens to land to the target. Returns dicts: family, pyknn, peer, recall_target, ratio.
     """
+    at = qps_at_recall if interpolate else _best_qps
     out = []
     by_index: Dict[str, List[dict]] = {}
     for r in results:
@@ -793,7 +797,7 @@ def qps_ratios(results: Sequence[dict], recall_targets=(0.90, 0.95, 0.99)) -> Li
             if len(mine) == 1 and len(theirs) == 1:
                 pairs = [(None, mine[0]["qps"], theirs[0]["qps"])]
             else:
-                pairs = [(t, _best_qps(mine, t), _best_qps(theirs, t)) for t in recall_targets]
+                pairs = [(t, at(mine, t), at(theirs, t)) for t in recall_targets]
             out += [{"family": mine[0]["family"], "pyknn": mine[0]["index"],
                      "peer": theirs[0]["index"], "recall_target": t, "ratio": a / b}
                     for t, a, b in pairs if a and b]
@@ -805,11 +809,38 @@ def _best_qps(rows, target):
                default=None)
 
 
+def qps_at_recall(rows, target):
+    """Batch QPS at exactly ``target`` recall on a sweep's curve, or None if it never gets there.
+
+    Linear in recall and in log(QPS) between the two sweep points around the target on the
+    upper envelope; when the lowest setting already exceeds the target, its QPS (the best known).
+    """
+    pts = sorted((r["recall"], r["qps"]) for r in rows if r["recall"] is not None and r["qps"])
+    if not pts or pts[-1][0] < target:
+        return None
+    best = None
+    for (r0, q0), (r1, q1) in zip(pts, pts[1:]):
+        if r0 <= target <= r1 and r1 > r0:
+            w = (target - r0) / (r1 - r0)
+            q = math.exp((1 - w) * math.log(q0) + w * math.log(q1))
+            best = q if best is None else max(best, q)
+    above = [q for r, q in pts if r >= target]
+    return max([best] + above if best is not None else above)
+
+
 def _ratio_lines(results) -> List[str]:
     lines = []
-    for r in qps_ratios(results):
-        at = "" if r["recall_target"] is None else f" at recall@10 >= {r['recall_target']:.2f}"
-        lines.append(f"pyknn {r['family']} / {r['peer']} = {r['ratio']:.2f}x{at}")
+    for interpolate in (False, True):
+        for r in qps_ratios(results, interpolate=interpolate):
+            if r["recall_target"] is None:
+                if interpolate:
+                    continue
+                at = ""
+            elif interpolate:
+                at = f" at recall@10 = {r['recall_target']:.2f} (interpolated)"
+            else:
+                at = f" at recall@10 >= {r['recall_target']:.2f} (best sweep point)"
+            lines.append(f"pyknn {r['family']} / {r['peer']} = {r['ratio']:.2f}x{at}")
     return lines
 
 

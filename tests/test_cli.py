@@ -136,3 +136,12 @@ def test_qps_ratios():
              "recall": 1.0}]
     (r,) = bench.qps_ratios(rows)
     assert r["peer"] == "faiss IndexFlatIP" and r["ratio"] == pytest.approx(3.0)
+
+
+def test_qps_at_recall_interpolates_on_the_curve():
+    rows = [{"recall": 0.90, "qps": 100.0}, {"recall": 0.96, "qps": 50.0}, {"recall": 0.99, "qps": 20.0}]
+    # Halfway in recall between 0.90 and 0.96 is halfway in log(QPS): the geometric mean.
+    assert bench.qps_at_recall(rows, 0.93) == pytest.approx((100.0 * 50.0) ** 0.5)
+    assert bench.qps_at_recall(rows, 0.96) == pytest.approx(50.0)
+    assert bench.qps_at_recall(rows, 0.50) == pytest.approx(100.0)  # the lowest setting already
+    assert bench.qps_at_recall(rows, 0.995) is None

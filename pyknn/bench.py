@@ -670,8 +670,11 @@ def _run_spec(spec, data, k, threads, repeats, single_queries, progress, context
         index = spec.build_index(data, threads)
     memory = spec.memory(index, data)
     rows = []
+    # Show the values "auto" resolved to (e.g. nlist=1024), not "auto".
+    build_params = {key: (_nlist(data, value) if key == "nlist" else value)
+                    for key, value in spec.params.items()}
     for setting in spec.settings:
-        params = {**spec.params, **setting}
+        params = {**build_params, **setting}
         label = " ".join([spec.name] + [f"{key}={value}" for key, value in params.items()])
 
         def search(q, setting=setting):
@@ -687,7 +690,7 @@ def _run_spec(spec, data, k, threads, repeats, single_queries, progress, context
             mrr = mrr_at_k(ids, data.qrels, RANK_CUTOFF)
         rows.append({
             "index": spec.name, "library": spec.library, "family": spec.family,
-            "params": params, "build_params": dict(spec.params), "search_params": dict(setting),
+            "params": params, "build_params": build_params, "search_params": dict(setting),
             "k": k, "recall": _finite(recall_at_k(ids, data.gt_ids, k)),
             "ndcg": _finite(ndcg), "mrr": _finite(mrr),
             "qps": data.nq / seconds, "batch_seconds": seconds,

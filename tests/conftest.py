@@ -1,3 +1,5 @@
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -17,14 +19,21 @@ def simd_level(request):
         pyknn.set_simd_level(previous)
 
 
-@pytest.fixture(params=[1, 2])
-def threads(request):
+@contextlib.contextmanager
+def thread_count(n):
+    """Run the block with pyknn using n threads, restoring the previous count after."""
     previous = pyknn.num_threads()
-    pyknn.set_num_threads(request.param)
+    pyknn.set_num_threads(n)
     try:
-        yield request.param
+        yield n
     finally:
         pyknn.set_num_threads(previous)
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    with thread_count(request.param) as n:
+        yield n
 
 
 def clustered(n, dim, n_clusters=16, seed=0, spread=0.3, dtype=np.float32):

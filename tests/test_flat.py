@@ -9,7 +9,7 @@ import pytest
 import pyknn
 from pyknn import ground_truth
 
-from conftest import clustered
+from conftest import clustered, thread_count
 
 METRICS = ["ip", "l2", "cosine"]
 
@@ -362,14 +362,10 @@ def test_thread_count_does_not_change_results():
     q = clustered(64, 32, seed=10)
     idx = pyknn.FlatIndex(32, "l2")
     idx.add(x)
-    previous = pyknn.num_threads()
-    try:
-        pyknn.set_num_threads(1)
+    with thread_count(1):
         one = idx.search(q, 10)
-        pyknn.set_num_threads(3)
+    with thread_count(3):
         three = idx.search(q, 10)
-    finally:
-        pyknn.set_num_threads(previous)
     np.testing.assert_array_equal(one[1], three[1])
     np.testing.assert_array_equal(one[0], three[0])
 
@@ -471,14 +467,10 @@ def test_results_do_not_depend_on_thread_count_for_small_batches():
     for metric in ("ip", "l2"):
         idx = pyknn.FlatIndex(1024, metric)
         idx.add(x)
-        previous = pyknn.num_threads()
-        try:
-            pyknn.set_num_threads(1)
+        with thread_count(1):
             one = idx.search(q, 5)
-            pyknn.set_num_threads(2)
+        with thread_count(2):
             two = idx.search(q, 5)
-        finally:
-            pyknn.set_num_threads(previous)
         np.testing.assert_array_equal(one[0], two[0])
         np.testing.assert_array_equal(one[1], two[1])
 

@@ -10,7 +10,7 @@ import pytest
 import pyknn
 from pyknn import ground_truth
 
-from conftest import clustered
+from conftest import clustered, thread_count
 
 METRICS = ["ip", "l2", "cosine"]
 
@@ -38,10 +38,8 @@ def build(x, metric="l2", ids=None, **kw):
 
 @pytest.fixture
 def one_thread():
-    previous = pyknn.num_threads()
-    pyknn.set_num_threads(1)
-    yield
-    pyknn.set_num_threads(previous)
+    with thread_count(1):
+        yield
 
 
 # ---- recall -----------------------------------------------------------------------------------
@@ -132,14 +130,10 @@ def test_multithreaded_build_recall():
     # Data hard enough (recall ~0.92 at ef 64) for differences between graphs to show.
     x = clustered(6000, 32, seed=2)
     q = clustered(1000, 32, seed=12)
-    previous = pyknn.num_threads()
-    try:
-        r = {}
-        for t in (1, 2, 4):
-            pyknn.set_num_threads(t)
+    r = {}
+    for t in (1, 2, 4):
+        with thread_count(t):
             r[t] = recall(build(x, "l2"), x, q, "l2", ef_search=64)
-    finally:
-        pyknn.set_num_threads(previous)
     assert abs(r[2] - r[1]) <= 0.01 and abs(r[4] - r[1]) <= 0.01, r
 
 

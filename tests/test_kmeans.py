@@ -7,7 +7,7 @@ import pytest
 import pyknn
 from pyknn.kmeans import KMeans
 
-from conftest import clustered
+from conftest import clustered, thread_count
 
 
 def _inertia(x, c):
@@ -47,15 +47,11 @@ def test_inertia_close_to_numpy_lloyd():
 
 def test_deterministic_across_threads_and_runs():
     x = clustered(5000, 32, n_clusters=40, seed=2)
-    previous = pyknn.num_threads()
-    try:
-        pyknn.set_num_threads(1)
+    with thread_count(1):
         a = KMeans(32, n_iter=10, seed=7).fit(x)
-        pyknn.set_num_threads(2)
+    with thread_count(2):
         b = KMeans(32, n_iter=10, seed=7).fit(x)
         c = KMeans(32, n_iter=10, seed=7).fit(x)
-    finally:
-        pyknn.set_num_threads(previous)
     np.testing.assert_array_equal(a.centroids, b.centroids)
     np.testing.assert_array_equal(b.centroids, c.centroids)
     assert a.inertia_ == b.inertia_

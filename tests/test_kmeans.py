@@ -4,7 +4,6 @@ import warnings
 import numpy as np
 import pytest
 
-import pyknn
 from pyknn.kmeans import KMeans
 
 from conftest import clustered, thread_count

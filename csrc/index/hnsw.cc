@@ -51,7 +51,9 @@ constexpr size_t kMaxEf = size_t(1) << 30;
 
 // Link words are read by searches while inserters rewrite them: every access is atomic (plain
 // moves on x86). A reader may see a list half rewritten; each word is then an old or a new
-// neighbour, both valid slots.
+// neighbour, both valid slots. Searches load a neighbour with acquire and inserters store it
+// with release, so a node reached through a link is seen with its own lists written (this
+// matters on weakly ordered CPUs; on x86 both are plain moves).
 inline uint32_t ld(const uint32_t* p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
 inline uint32_t ld_acq(const uint32_t* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 inline void st(uint32_t* p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
@@ -265,7 +267,7 @@ void HNSWIndex::greedy(const DistTo<kKind>& dist, uint32_t& cur, float& cur_d, i
         if (v < n) prefetch_l2(dist.row(v), dim_ * sizeof(float));
       }
       for (uint32_t j = 1; j <= cnt; ++j) {
-        const uint32_t v = ld(blk + j);
+        const uint32_t v = ld_acq(blk + j);
         if (v >= n || v == skip || level_[v] < lc) continue;
         const float d = dist(v);
         if (d < cur_d) {
@@ -338,7 +340,7 @@ void HNSWIndex::search_layer(const DistTo<kKind>& dist, uint32_t ep, float ep_d,
     // are not limited by L1's few fill buffers), then scored in order.
     uint32_t m = 0;
     for (uint32_t j = 1; j <= cnt; ++j) {
-      const uint32_t v = ld(blk + j);
+      const uint32_t v = ld_acq(blk + j);
       if (v >= n || vis[v] == tag) continue;
       if (level > 0 && level_[v] < level) continue;
       vis[v] = tag;
@@ -424,7 +426,7 @@ void HNSWIndex::link(const DistTo<kKind>& dist, uint32_t s, const std::vector<ui
     for (uint32_t j = 1; j <= c && !present; ++j) present = ld(b + j) == s;
     if (!present) {
       if (c < cap) {
-        st(b + 1 + c, s);
+        st_rel(b + 1 + c, s);
         st_rel(b, c + 1);
       } else {
         const DistTo<kKind> dv = dist.at(v);
@@ -437,7 +439,7 @@ void HNSWIndex::link(const DistTo<kKind>& dist, uint32_t s, const std::vector<ui
         sc.prune.push_back(mkkey(dv(s), s));
         std::sort(sc.prune.begin(), sc.prune.end());
         select_heuristic(dv, sc.prune.data(), sc.prune.size(), cap, sc.psel, sc);
-        for (size_t j = 0; j < sc.psel.size(); ++j) st(b + 1 + j, sc.psel[j]);
+        for (size_t j = 0; j < sc.psel.size(); ++j) st_rel(b + 1 + j, sc.psel[j]);
         st_rel(b, static_cast<uint32_t>(sc.psel.size()));
       }
     }
@@ -509,7 +511,10 @@ void HNSWIndex::insert(uint32_t s, const DistTo<kKind>& base, uint8_t* is_dup, S
       cur_d = kdist(sc.sorted[0]);
     }
   }
-  for (int lc = top; lc >= 0; --lc) link(dist, s, sc.sel[lc], lc, sc);
+  // Bottom level first: a search reaches s on a level only through a back-link written by
+  // link() on that level, after s's own lists on every level below it are in place, so it never
+  // descends into a node without links (searched at level 0 alone, such a node gives nothing).
+  for (int lc = 0; lc <= top; ++lc) link(dist, s, sc.sel[lc], lc, sc);
   if (L > maxl) entry_.store((static_cast<uint64_t>(L) << 32) | s, std::memory_order_release);
 }
 

@@ -295,6 +295,43 @@ def test_get_remove_contains():
     assert idx.search(x[1], 1)[1][0, 0] == 101
 
 
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_id_map_random_adds_and_removes_match_a_dict(kind):
+    """Random ids (sequential runs, negatives, extremes) added and removed in random order: the
+    id map must agree with a Python dict at every step, whatever collides in its hash table."""
+    rng = np.random.default_rng(11)
+    d = 4
+    if kind == "flat":
+        idx = pyknn.FlatIndex(d, "l2")
+    elif kind == "hnsw":
+        idx = pyknn.HNSWIndex(d, M=4, ef_construction=16, metric="l2")
+    else:
+        idx = pyknn.IVFFlatIndex(d, nlist=4, metric="l2")
+        idx.train(rng.standard_normal((64, d)).astype(np.float32))
+    model = {}
+    pool = np.concatenate([np.arange(0, 300), np.arange(-300, -1), rng.integers(-2**62, 2**62, 300),
+                           [2**63 - 1, -2**63]])
+    for step in range(40):
+        absent = np.array([i for i in rng.permutation(pool)[:40] if i not in model], dtype=np.int64)
+        if len(absent):
+            x = rng.standard_normal((len(absent), d)).astype(np.float32)
+            idx.add(x, ids=absent)
+            model.update({int(i): v for i, v in zip(absent, x)})
+        present = list(model)
+        if present:
+            drop = rng.choice(present, size=min(len(present), int(rng.integers(0, 30))), replace=False)
+            assert idx.remove(drop) == len(drop)
+            for i in drop:
+                del model[int(i)]
+        assert len(idx) == len(model)
+        probe = rng.permutation(pool)[:60]
+        assert [idx.contains(int(i)) for i in probe] == [int(i) in model for i in probe]
+        if model:
+            keys = np.array(list(model), dtype=np.int64)
+            np.testing.assert_array_equal(idx.get(keys), np.stack([model[int(i)] for i in keys]))
+    assert sorted(idx.ids.tolist()) == sorted(model)
+
+
 def test_memory_usage_counts_vectors():
     idx = pyknn.FlatIndex(64)
     idx.add(np.ones((1000, 64)))

@@ -85,9 +85,59 @@ void normalize_rows(const float* x, size_t n, size_t d, float* out, const char* 
 
 // ---- IdMap ----------------------------------------------------------------------------------
 
+size_t IdMap::home(int64_t id) const {
+  // splitmix64's finaliser spreads sequential ids; the product maps the hash onto [0, capacity)
+  // without a power-of-two capacity (which would waste up to half the table).
+  uint64_t h = static_cast<uint64_t>(id);
+  h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  h = (h ^ (h >> 27)) * 0x94d049bb133111ebULL;
+  h ^= h >> 31;
+  return static_cast<size_t>((static_cast<unsigned __int128>(h) * slots_.size()) >> 64);
+}
+
+size_t IdMap::probe(int64_t id) const {
+  const size_t cap = slots_.size();
+  size_t i = home(id);
+  while (slots_[i].id != kEmpty && slots_[i].id != id) i = i + 1 == cap ? 0 : i + 1;
+  return i;
+}
+
 int64_t IdMap::find(int64_t id) const {
-  auto it = map_.find(id);
-  return it == map_.end() ? -1 : it->second;
+  if (size_ == 0 || id == kEmpty) return -1;
+  const Slot& s = slots_[probe(id)];
+  return s.id == id ? s.loc : -1;
+}
+
+void IdMap::rehash(size_t capacity) {
+  std::vector<Slot> old(capacity, Slot{kEmpty, 0});  // may throw: nothing changed yet
+  old.swap(slots_);
+  for (const Slot& s : old)
+    if (s.id != kEmpty) slots_[probe(s.id)] = s;
+}
+
+void IdMap::relocate(int64_t id, int64_t location) {
+  if (size_ == 0) return;
+  Slot& s = slots_[probe(id)];
+  if (s.id == id) s.loc = location;
+}
+
+void IdMap::erase(int64_t id) {
+  if (size_ == 0 || id == kEmpty) return;
+  const size_t cap = slots_.size();
+  size_t i = probe(id);
+  if (slots_[i].id != id) return;
+  // Backward-shift deletion: pull later entries of the run into the hole when their home
+  // position allows it, so every remaining id stays reachable from its home.
+  for (size_t j = i + 1 == cap ? 0 : i + 1; slots_[j].id != kEmpty; j = j + 1 == cap ? 0 : j + 1) {
+    const size_t h = home(slots_[j].id);
+    const bool movable = i <= j ? (h <= i || h > j) : (h <= i && h > j);
+    if (movable) {
+      slots_[i] = slots_[j];
+      i = j;
+    }
+  }
+  slots_[i].id = kEmpty;
+  --size_;
 }
 
 void IdMap::check_new(const int64_t* ids, size_t n) const {
@@ -103,7 +153,7 @@ void IdMap::check_new(const int64_t* ids, size_t n) const {
     if (id == -1)
       throw_value("id -1 (at position " + std::to_string(i) +
                   ") is reserved for padding missing results");
-    if (map_.count(id))
+    if (find(id) != -1)
       throw_value("id " + std::to_string(id) + " (at position " + std::to_string(i) +
                   ") is already in the index; remove it first");
     if (!batch.insert(id).second)
@@ -119,13 +169,13 @@ std::vector<int64_t> IdMap::new_ids(const int64_t* ids, size_t n) const {
 }
 
 void IdMap::insert(const int64_t* ids, const int64_t* locations, size_t n) {
-  size_t done = 0;
-  try {
-    map_.reserve(map_.size() + n);
-    for (; done < n; ++done) map_.emplace(ids[done], locations[done]);
-  } catch (...) {
-    for (size_t i = 0; i < done; ++i) map_.erase(ids[i]);
-    throw;
+  // Only the allocation can fail, and it happens before anything changes.
+  if ((size_ + n) * 4 > slots_.size() * 3)  // always leaves an empty slot to end a probe
+    rehash(std::max(capacity_for(size_ + n), slots_.size() + slots_.size() / 2));
+  for (size_t i = 0; i < n; ++i) {
+    Slot& s = slots_[probe(ids[i])];
+    if (s.id == kEmpty) ++size_;
+    s = Slot{ids[i], locations[i]};
   }
   for (size_t i = 0; i < n; ++i)
     if (ids[i] >= next_default_ && ids[i] < INT64_MAX) next_default_ = ids[i] + 1;
@@ -141,21 +191,21 @@ std::vector<int64_t> IdMap::locations_of(const int64_t* ids, size_t n, bool miss
   return loc;
 }
 
-size_t IdMap::memory_usage() const {
-  // Hash map nodes (key, value, next pointer, cached hash) and buckets.
-  return map_.size() * 32 + map_.bucket_count() * sizeof(void*);
-}
-
 void IdMap::write(Writer& w) const { w.section("NXID", &next_default_, sizeof next_default_); }
 
 void IdMap::read(Reader& r) { r.section("NXID", &next_default_, sizeof next_default_); }
 
 void IdMap::rebuild(const int64_t* ids, const int64_t* locations, size_t n) {
-  map_.clear();
-  map_.reserve(n);
+  std::vector<Slot>().swap(slots_);
+  size_ = 0;
+  rehash(capacity_for(n));
   for (size_t i = 0; i < n; ++i) {
-    if (ids[i] == -1 || !map_.emplace(ids[i], locations[i]).second)
-      throw_format("corrupted index file: invalid or repeated id " + std::to_string(ids[i]));
+    if (ids[i] == kEmpty) throw_format("corrupted index file: invalid id -1");
+    Slot& s = slots_[probe(ids[i])];
+    if (s.id == ids[i])
+      throw_format("corrupted index file: repeated id " + std::to_string(ids[i]));
+    s = Slot{ids[i], locations[i]};
+    ++size_;
   }
 }
 

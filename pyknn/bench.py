@@ -424,17 +424,26 @@ def _search_hnswlib_ef(index, queries, k, threads, ef_search):
 
 
 def _hnswlib_memory(index, data):
-    # Per element: the vector, an 8-byte label and the level-0 list (count + 2M links); upper
-    # levels hold about 1/M of the elements with M links each.
+    # hnswlib's HierarchicalNSW allocates, per element of max_elements: the vector, the level-0
+    # list (count + 2M links) and an 8-byte label in one block; a pointer to the upper-level
+    # lists and an int level; a std::mutex (40 bytes on Linux x86-64) guarding the element's
+    # links; and an entry in the label -> slot std::unordered_map (a 32-byte node and an 8-byte
+    # bucket). Fixed: 65,536 label-operation mutexes. Upper levels: about one element in M - 1
+    # levels holds a list of count + M links.
     M = index.M
-    return index.element_count * (4 * data.dim + 8 + 4 * (2 * M + 1) + 4 * (M + 1) // max(M - 1, 1))
+    n = index.max_elements
+    per_element = (4 * data.dim + 4 * (2 * M + 1) + 8) + 8 + 4 + 40 + 32 + 8
+    upper = 4 * (M + 1) / max(M - 1, 1)
+    return int(n * (per_element + upper) + 65536 * 40)
 
 
 register(IndexSpec(
     name="hnswlib Index", family="HNSW", library="hnswlib", requires="hnswlib", install="hnswlib",
     build=_build_hnswlib, search=_search_hnswlib_ef, params=HNSW_PARAMS,
     settings=[{"ef_search": ef} for ef in HNSW_EF_SWEEP], memory=_hnswlib_memory,
-    memory_note="estimate: n * (4 dim + 8-byte label + level-0 links) + upper-level links"))
+    memory_note="counted from hnswlib's allocations: per element the vector, level-0 links, "
+                "label, level, upper-list pointer, link mutex and label-map entry; plus "
+                "upper-level links and 65,536 label mutexes"))
 
 
 def _build_faiss_hnsw(data, threads, M, ef_construction):

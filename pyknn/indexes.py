@@ -351,6 +351,11 @@ class HNSWIndex(_Index):
         return self._core.max_level
 
     @property
+    def read_only(self) -> bool:
+        """True when loaded with ``pyknn.load(path, mmap=True)``: add and remove raise."""
+        return self._core.read_only
+
+    @property
     def ef_search(self) -> int:
         """Default candidate list size of :meth:`search` (saved with the index's metadata)."""
         return self._metadata.get("ef_search", 64)
@@ -425,10 +430,24 @@ def _from_bytes(data):
     return _wrap(_core.from_bytes(bytes(data)))
 
 
-def load(path):
+def load(path, mmap: bool = False):
     """Load an index written by ``index.save(path)``; returns an object of the saved class.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file to read.
+    mmap : bool
+        HNSWIndex files only: map the file read-only and use its vector and level-0 link
+        sections in place instead of copying them into memory. Loading then costs little more
+        than one read of the file (checked against its checksum), the pages are shared between
+        processes that map the same file and can be evicted under memory pressure, and
+        :meth:`memory_usage` no longer counts them. The index is read-only: ``add`` and
+        ``remove`` raise ValueError. The file must not be modified or truncated while the index
+        is in use (:meth:`_Index.save` replaces a file atomically, which is safe). ValueError
+        for other index kinds and for files written before aligned sections existed.
 
     Raises FileNotFoundError / OSError for unreadable paths and :class:`pyknn.FormatError` for
     truncated, corrupted, foreign or unsupported-version files.
     """
-    return _wrap(_core.load(os.fspath(path)))
+    return _wrap(_core.load(os.fspath(path), bool(mmap)))

@@ -120,7 +120,7 @@ def test_wrong_magic(tmp_path, index):
 def test_future_version(tmp_path, index):
     data = bytearray(_saved(tmp_path, index))
     data[8:12] = struct.pack("<I", 99)
-    with pytest.raises(pyknn.FormatError, match=r"version 99 .*reads versions 1 to 1.*newer"):
+    with pytest.raises(pyknn.FormatError, match=r"version 99 .*reads versions 1 to 2.*newer"):
         _load_bytes(tmp_path, bytes(data))
 
 
@@ -184,13 +184,16 @@ def test_golden_file_v1_loads():
     assert idx.metadata["model_id"] == "golden"
 
 
-@pytest.mark.parametrize("name,cls,extra", [
-    ("ivf_flat_v1", "IVFFlatIndex", {"nlist": 2, "nprobe": 2}),
-    ("hnsw_v1", "HNSWIndex", {"M": 4, "ef_construction": 16}),
+@pytest.mark.parametrize("name,cls,extra,mmap", [
+    ("ivf_flat_v1", "IVFFlatIndex", {"nlist": 2, "nprobe": 2}, False),
+    ("hnsw_v1", "HNSWIndex", {"M": 4, "ef_construction": 16}, False),
+    ("hnsw_v2", "HNSWIndex", {"M": 4, "ef_construction": 16}, False),
+    ("hnsw_v2", "HNSWIndex", {"M": 4, "ef_construction": 16}, True),
 ])
-def test_golden_files_of_other_kinds_load(name, cls, extra):
-    """Format-version-1 files of every index kind keep loading, with the same answers."""
-    idx = pyknn.load(os.path.join(os.path.dirname(__file__), "data", f"{name}.pyknn"))
+def test_golden_files_of_other_kinds_load(name, cls, extra, mmap):
+    """Files of every format version and index kind keep loading, with the same answers
+    (version 2 added aligned sections to HNSW files, which can be memory-mapped)."""
+    idx = pyknn.load(os.path.join(os.path.dirname(__file__), "data", f"{name}.pyknn"), mmap=mmap)
     assert type(idx).__name__ == cls and idx.metric == "l2" and len(idx) == 6
     for key, value in extra.items():
         assert getattr(idx, key) == value

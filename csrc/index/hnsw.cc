@@ -241,6 +241,7 @@ int HNSWIndex::draw_level(uint64_t i) const {
 }
 
 size_t HNSWIndex::bytes_used() const {
+  // Memory-mapped sections are not counted: they are the file's pages, shared and evictable.
   size_t b = vecs_.capacity() * sizeof(float) + link0_.capacity() * sizeof(uint32_t) +
              upper_.capacity() * sizeof(upper_[0]) + level_.capacity() + state_.capacity() +
              slot_ids_.capacity() * sizeof(int64_t) + next_dup_.capacity() * sizeof(uint32_t) +
@@ -520,7 +521,14 @@ void HNSWIndex::insert(uint32_t s, const DistTo<kKind>& base, uint8_t* is_dup, S
 
 // ---- add ------------------------------------------------------------------------------------
 
+void HNSWIndex::check_writable() const {
+  if (mapping_)
+    throw_value("this HNSWIndex was loaded with mmap=True and is read-only; load it without "
+                "mmap to add or remove vectors");
+}
+
 void HNSWIndex::add(const float* x, size_t n, const int64_t* ids) {
+  check_writable();
   if (n == 0) return;
   std::vector<float> unit = prepare_vectors(x, n);
   if (!unit.empty()) x = unit.data();
@@ -563,11 +571,13 @@ void HNSWIndex::add(const float* x, size_t n, const int64_t* ids) {
     grow(slot_ids_, 1);
     grow(next_dup_, 1);
     if (metric_ == Metric::IP) grow(ext_, 1);
+    V_ = vecs_.data();  // reserve may have moved them
+    L0_ = link0_.data();
     if (n_live_ == 0 && n_slots_ > 0) {
       // Nothing live: detach the old graph entirely (every slot becomes a free slot without
       // links) and build afresh, instead of linking the new nodes to deleted ones.
       for (size_t s = 0; s < n_slots_; ++s) {
-        std::fill_n(link0_.data() + s * stride0_, stride0_, 0u);
+        std::fill_n(L0_ + s * stride0_, stride0_, 0u);
         upper_[s].reset();
         level_[s] = 0;
         next_dup_[s] = kNone;
@@ -588,6 +598,8 @@ void HNSWIndex::add(const float* x, size_t n, const int64_t* ids) {
 
     vecs_.resize(total * dim_);
     link0_.resize(total * stride0_);
+    V_ = vecs_.data();
+    L0_ = link0_.data();
     upper_.resize(total);
     level_.resize(total);
     state_.resize(total);
@@ -597,9 +609,9 @@ void HNSWIndex::add(const float* x, size_t n, const int64_t* ids) {
     n_slots_ = total;
     for (size_t i = 0; i < n; ++i) {
       const uint32_t s = slots[i];
-      std::memcpy(vecs_.data() + static_cast<size_t>(s) * dim_, x + i * dim_,
+      std::memcpy(V_ + static_cast<size_t>(s) * dim_, x + i * dim_,
                   dim_ * sizeof(float));
-      std::fill_n(link0_.data() + static_cast<size_t>(s) * stride0_, stride0_, 0u);
+      std::fill_n(L0_ + static_cast<size_t>(s) * stride0_, stride0_, 0u);
       upper_[s] = std::move(blocks[i]);
       level_[s] = lv[i];
       state_[s] = kPending;
@@ -632,7 +644,7 @@ void HNSWIndex::add(const float* x, size_t n, const int64_t* ids) {
     try {
       auto run = [&](auto kind) {
         constexpr int kK = decltype(kind)::value;
-        const DistTo<kK> base{nullptr, 0.f, vecs_.data(), ext_.data(), dim_,
+        const DistTo<kK> base{nullptr, 0.f, V_, ext_.data(), dim_,
                               kK == 1 ? K.l2sq : K.dot,
                               kK == 1 ? K.l2sq_many : K.dot_many};
         size_t first = 0;
@@ -689,7 +701,7 @@ void HNSWIndex::unlink_reused(const std::vector<uint32_t>& reuse) {
   const simd::Kernels& K = simd::kernels();
   auto run = [&](auto kind) {
     constexpr int kK = decltype(kind)::value;
-    const DistTo<kK> base{nullptr, 0.f, vecs_.data(), ext_.data(), dim_, kK == 1 ? K.l2sq : K.dot,
+    const DistTo<kK> base{nullptr, 0.f, V_, ext_.data(), dim_, kK == 1 ? K.l2sq : K.dot,
                               kK == 1 ? K.l2sq_many : K.dot_many};
     const size_t chunk = 4096;
     const size_t ntasks = (n_slots_ + chunk - 1) / chunk;
@@ -756,6 +768,7 @@ void HNSWIndex::pick_entry_excluding(const std::vector<uint8_t>& excluded) {
 // ---- remove ---------------------------------------------------------------------------------
 
 size_t HNSWIndex::remove(const int64_t* ids, size_t n, bool missing_ok) {
+  check_writable();
   std::lock_guard<std::mutex> writer(write_mu_);
   std::unique_lock<std::shared_mutex> lk(mu_);
   std::vector<int64_t> loc = ids_.locations_of(ids, n, missing_ok);  // KeyError first
@@ -839,7 +852,7 @@ void HNSWIndex::search_impl(const float* queries, size_t nq, size_t k, size_t ef
   const int maxl = static_cast<int>(e >> 32);
   auto one = [&](size_t qi) {
     Scratch& sc = scratch();
-    const DistTo<kKind> dist{queries + qi * dim_, 0.f, vecs_.data(), nullptr, dim_,
+    const DistTo<kKind> dist{queries + qi * dim_, 0.f, V_, nullptr, dim_,
                              kKind == 1 ? K.l2sq : K.dot, kKind == 1 ? K.l2sq_many : K.dot_many};
     uint32_t cur = static_cast<uint32_t>(e);
     float cur_d = dist(cur);
@@ -1006,7 +1019,25 @@ std::vector<int64_t> HNSWIndex::ids() const {
 // A batch still being inserted (a save concurrent with add) is written as deleted slots.
 
 void HNSWIndex::write_body(Writer& w) const {
-  const uint64_t e = entry_.load(std::memory_order_acquire);
+  // A save may run while a batch is being inserted (both hold the shared lock): its slots are
+  // written as detached free slots (no level, no links) and every link to them is left out, so
+  // the file holds the published graph alone, consistent whatever the inserters were doing
+  // while each section was written.
+  const uint32_t n = static_cast<uint32_t>(n_slots_);
+  auto pending = [&](uint32_t s) { return (state_[s] & kPending) != 0; };
+  std::vector<uint8_t> stat(n_slots_), lev(n_slots_);
+  for (uint32_t s = 0; s < n; ++s) {
+    stat[s] = pending(s) ? kDeleted | kDup : static_cast<uint8_t>(state_[s] & (kDeleted | kDup));
+    lev[s] = pending(s) ? 0 : level_[s];
+  }
+  uint64_t e = entry_.load(std::memory_order_acquire);
+  if (e != kNoEntry && pending(static_cast<uint32_t>(e))) {
+    // The entry point belongs to the batch in flight: the highest published node replaces it.
+    e = kNoEntry;
+    for (uint32_t s = 0; s < n; ++s)
+      if (!(stat[s] & kDup) && (e == kNoEntry || lev[s] > (e >> 32)))
+        e = (static_cast<uint64_t>(lev[s]) << 32) | s;
+  }
   uint32_t nmin, nmax;
   std::memcpy(&nmin, &norm_min_sq_, 4);
   std::memcpy(&nmax, &norm_max_sq_, 4);
@@ -1014,35 +1045,48 @@ void HNSWIndex::write_body(Writer& w) const {
                               e == kNoEntry ? ~uint64_t(0) : (e & 0xffffffffu),
                               e == kNoEntry ? 0 : (e >> 32), n_drawn_, nmin, nmax};
   w.section("PARM", params, sizeof params);
-  w.section("VECS", vecs_.data(), n_slots_ * dim_ * sizeof(float));
-  w.section("LEVL", level_.data(), n_slots_);
-  std::vector<uint8_t> stat(n_slots_);
-  for (size_t s = 0; s < n_slots_; ++s)
-    stat[s] = (state_[s] & kPending) ? kDeleted : static_cast<uint8_t>(state_[s] & (kDeleted | kDup));
+  w.align(64);  // VECS and LNK0 can be mapped in place
+  w.section("VECS", V_, n_slots_ * dim_ * sizeof(float));
+  w.section("LEVL", lev.data(), n_slots_);
   w.section("STAT", stat.data(), stat.size());
+  // One list as written: a snapshot of the words, without links to pending slots.
+  auto copy_list = [&](const uint32_t* src, size_t stride, uint32_t* dst) {
+    const uint32_t cnt = std::min<uint32_t>(ld_acq(src), static_cast<uint32_t>(stride - 1));
+    uint32_t m = 0;
+    for (uint32_t j = 1; j <= cnt; ++j) {
+      const uint32_t v = ld(src + j);
+      if (v < n && !pending(v)) dst[1 + m++] = v;
+    }
+    dst[0] = m;
+    std::fill(dst + 1 + m, dst + stride, 0u);
+  };
   {
+    w.align(64);
     w.section_begin("LNK0", static_cast<uint64_t>(n_slots_) * stride0_ * sizeof(uint32_t));
     std::vector<uint32_t> buf;
     const size_t chunk = 4096;
     for (size_t s0 = 0; s0 < n_slots_; s0 += chunk) {
-      const size_t m = std::min(chunk, n_slots_ - s0) * stride0_;
-      buf.resize(m);
-      const uint32_t* src = link0_.data() + s0 * stride0_;
-      for (size_t i = 0; i < m; ++i) buf[i] = ld(src + i);
-      w.raw(buf.data(), m * sizeof(uint32_t));
+      const size_t m = std::min(chunk, n_slots_ - s0);
+      buf.assign(m * stride0_, 0u);
+      for (size_t i = 0; i < m; ++i) {
+        const uint32_t s = static_cast<uint32_t>(s0 + i);
+        if (!pending(s)) copy_list(L0_ + static_cast<size_t>(s) * stride0_, stride0_,
+                                   buf.data() + i * stride0_);
+      }
+      w.raw(buf.data(), buf.size() * sizeof(uint32_t));
     }
   }
   {
     uint64_t words = 0;
-    for (size_t s = 0; s < n_slots_; ++s) words += static_cast<uint64_t>(level_[s]) * strideU_;
+    for (size_t s = 0; s < n_slots_; ++s) words += static_cast<uint64_t>(lev[s]) * strideU_;
     w.section_begin("LNKU", words * sizeof(uint32_t));
     std::vector<uint32_t> buf;
-    for (size_t s = 0; s < n_slots_; ++s) {
-      if (!level_[s]) continue;
-      const size_t m = level_[s] * strideU_;
-      buf.resize(m);
-      for (size_t i = 0; i < m; ++i) buf[i] = ld(upper_[s].get() + i);
-      w.raw(buf.data(), m * sizeof(uint32_t));
+    for (uint32_t s = 0; s < n; ++s) {
+      if (!lev[s]) continue;
+      buf.resize(lev[s] * strideU_);
+      for (int lc = 1; lc <= lev[s]; ++lc)
+        copy_list(links(s, lc), strideU_, buf.data() + (lc - 1) * strideU_);
+      w.raw(buf.data(), buf.size() * sizeof(uint32_t));
     }
   }
   std::vector<uint32_t> dups(n_slots_, kNone);
@@ -1100,9 +1144,29 @@ std::unique_ptr<HNSWIndex> HNSWIndex::read_body(Reader& r, const FileHeader& h) 
   auto idx = std::make_unique<HNSWIndex>(h.dim, static_cast<Metric>(h.metric), M, efc, seed);
   HNSWIndex& x = *idx;
   const size_t d = h.dim;
-  check_bytes(r, checked_mul(n, d, "vectors"), sizeof(float), "vector section");
-  x.vecs_.resize(n * d);
-  read_array(r, "VECS", x.vecs_.data(), n * d, "vector section");
+  // With a mapped file the two large sections are used in place (written 64-byte aligned).
+  const bool mapped = r.mapping() != nullptr;
+  auto big_section = [&](const char tag[4], auto*& ptr, auto& owned, uint64_t count,
+                         const char* what) {
+    using T = std::remove_reference_t<decltype(*ptr)>;
+    check_bytes(r, count, sizeof(T), what);
+    r.skip_padding();
+    const uint64_t bytes = count * sizeof(T);
+    if (r.section_begin(tag, bytes) != bytes)
+      throw_format(std::string("corrupted index file: ") + what + " has the wrong size");
+    if (mapped) {
+      const void* p = r.borrow(bytes, 64);
+      if (!p)
+        throw_value("this index file was written by an older pyknn without aligned sections "
+                    "and cannot be memory-mapped; load it without mmap and save it again");
+      ptr = static_cast<T*>(const_cast<void*>(p));
+    } else {
+      owned.resize(count);
+      r.raw(owned.data(), bytes);
+      ptr = owned.data();
+    }
+  };
+  big_section("VECS", x.V_, x.vecs_, checked_mul(n, d, "vectors"), "vector section");
   check_bytes(r, n, 2, "level and state sections");
   x.level_.resize(n);
   read_array(r, "LEVL", x.level_.data(), n, "level section");
@@ -1115,9 +1179,8 @@ std::unique_ptr<HNSWIndex> HNSWIndex::read_body(Reader& r, const FileHeader& h) 
       throw_format("corrupted index file: invalid level or state of slot " + std::to_string(s));
     upper_words += static_cast<uint64_t>(x.level_[s]) * x.strideU_;
   }
-  check_bytes(r, n, x.stride0_ * sizeof(uint32_t), "level-0 links");
-  x.link0_.resize(n * x.stride0_);
-  read_array(r, "LNK0", x.link0_.data(), n * x.stride0_, "level-0 links");
+  big_section("LNK0", x.L0_, x.link0_, checked_mul(n, x.stride0_, "level-0 links"),
+              "level-0 links");
   auto check_list = [&](const uint32_t* b, size_t s, int lc) {
     const size_t cap = x.cap_at(lc);
     if (b[0] > cap || ((x.state_[s] & kDup) && b[0]))
@@ -1126,7 +1189,7 @@ std::unique_ptr<HNSWIndex> HNSWIndex::read_body(Reader& r, const FileHeader& h) 
       if (b[j] >= n || (x.state_[b[j]] & kDup) || x.level_[b[j]] < lc)
         throw_format("corrupted index file: invalid link of slot " + std::to_string(s));
   };
-  for (size_t s = 0; s < n; ++s) check_list(x.link0_.data() + s * x.stride0_, s, 0);
+  for (size_t s = 0; s < n; ++s) check_list(x.L0_ + s * x.stride0_, s, 0);
   check_bytes(r, upper_words, sizeof(uint32_t), "upper-level links");
   if (r.section_begin("LNKU", upper_words * sizeof(uint32_t)) != upper_words * sizeof(uint32_t))
     throw_format("corrupted index file: upper-level link section has the wrong size");
@@ -1205,6 +1268,7 @@ std::unique_ptr<HNSWIndex> HNSWIndex::read_body(Reader& r, const FileHeader& h) 
   x.n_live_ = live;
   x.n_drawn_ = p[6];
   x.has_dups_.store(any_chain);
+  x.mapping_ = r.mapping();
   const uint32_t nmin = static_cast<uint32_t>(p[7]), nmax = static_cast<uint32_t>(p[8]);
   std::memcpy(&x.norm_min_sq_, &nmin, 4);
   std::memcpy(&x.norm_max_sq_, &nmax, 4);

@@ -101,6 +101,8 @@ class HNSWIndex : public Index {
   void get(const int64_t* ids, size_t n, float* out) const;
   size_t remove(const int64_t* ids, size_t n, bool missing_ok);
   bool contains(int64_t id) const;
+  // True when loaded with mmap (vectors and level-0 links used in place; add/remove raise).
+  bool read_only() const { return mapping_ != nullptr; }
   // Live ids in slot order (the order a boolean filter refers to).
   std::vector<int64_t> ids() const;
 
@@ -131,9 +133,9 @@ class HNSWIndex : public Index {
   // slot detached from the graph.
   static constexpr uint8_t kDup = 4;
 
-  const float* vec(uint32_t s) const { return vecs_.data() + static_cast<size_t>(s) * dim_; }
+  const float* vec(uint32_t s) const { return V_ + static_cast<size_t>(s) * dim_; }
   uint32_t* links(uint32_t s, int level) {
-    return level == 0 ? link0_.data() + static_cast<size_t>(s) * stride0_
+    return level == 0 ? L0_ + static_cast<size_t>(s) * stride0_
                       : upper_[s].get() + static_cast<size_t>(level - 1) * strideU_;
   }
   const uint32_t* links(uint32_t s, int level) const {
@@ -187,6 +189,12 @@ class HNSWIndex : public Index {
   size_t n_slots_ = 0;
   std::vector<float, Aligned64Allocator<float>> vecs_;
   std::vector<uint32_t, Aligned64Allocator<uint32_t>> link0_;
+  // The vectors and level-0 links: vecs_ and link0_, or the sections of a memory-mapped file
+  // (then the index is read-only and mapping_ keeps the map alive).
+  float* V_ = nullptr;
+  uint32_t* L0_ = nullptr;
+  std::shared_ptr<const void> mapping_;
+  void check_writable() const;
   std::vector<std::unique_ptr<uint32_t[]>> upper_;  // levels 1..L, null on level 0
   std::vector<uint8_t> level_;
   std::vector<uint8_t> state_;

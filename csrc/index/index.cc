@@ -314,13 +314,16 @@ std::vector<float> Index::prepare_vectors(const float* x, size_t n) const {
 
 namespace {
 
-std::unique_ptr<Index> read_any(Reader& r) {
+std::unique_ptr<Index> read_any(Reader& r, bool mapped = false) {
   FileHeader h = r.header();
   if (h.metric > static_cast<uint32_t>(Metric::Cosine))
     throw_format("corrupted index file: unknown metric code " + std::to_string(h.metric));
   if (h.dim == 0 || h.dim > (uint64_t(1) << 20))
     throw_format("corrupted index file: invalid dimension " + std::to_string(h.dim));
   std::string meta = r.section_string("META", uint64_t(1) << 30);
+  if (mapped && h.kind != static_cast<uint32_t>(IndexKind::HNSW))
+    throw_value("mmap=True is supported for HNSWIndex files only; this file holds index kind " +
+                std::to_string(h.kind) + " (load it without mmap)");
   std::unique_ptr<Index> idx;
   switch (static_cast<IndexKind>(h.kind)) {
     case IndexKind::Flat: idx = FlatIndex::read_body(r, h); break;
@@ -337,7 +340,11 @@ std::unique_ptr<Index> read_any(Reader& r) {
 
 }  // namespace
 
-std::unique_ptr<Index> load_index(const std::string& path) {
+std::unique_ptr<Index> load_index(const std::string& path, bool mmap) {
+  if (mmap) {
+    MappedReader r(path);
+    return read_any(r, true);
+  }
   FileReader r(path);
   return read_any(r);
 }

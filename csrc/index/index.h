@@ -133,7 +133,8 @@ class Index {
 };
 
 // Reads any index written by save/to_bytes; throws FormatError for anything else.
-std::unique_ptr<Index> load_index(const std::string& path);
+// mmap: map the file read-only and use the large sections in place (HNSW files only).
+std::unique_ptr<Index> load_index(const std::string& path, bool mmap = false);
 std::unique_ptr<Index> index_from_bytes(const char* data, size_t len);
 
 }  // namespace pyknn

@@ -1,6 +1,7 @@
 #include "io/serialize.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -15,6 +16,8 @@ namespace {
 
 constexpr char kMagic[8] = {'P', 'Y', 'K', 'N', 'N', 'I', 'D', 'X'};
 constexpr char kEndTag[4] = {'E', 'N', 'D', '\0'};
+constexpr char kPadTag[4] = {'P', 'A', 'D', '\0'};
+constexpr uint64_t kMaxPad = 4096;
 
 std::string tag_str(const char tag[4]) {
   std::string s;
@@ -44,6 +47,16 @@ uint64_t checked_mul(uint64_t a, uint64_t b, const char* what) {
 void Writer::raw(const void* data, uint64_t len) {
   hash_.update(data, len);
   put(data, len);
+  pos_ += len;
+}
+
+void Writer::align(uint64_t alignment) {
+  // The next payload starts after its 16-byte section header; a padding section adds 16 more.
+  if ((pos_ + 16) % alignment == 0) return;
+  const uint64_t pad = (alignment - (pos_ + 32) % alignment) % alignment;
+  section_begin(kPadTag, pad);
+  static const char zeros[kMaxPad] = {};
+  raw(zeros, pad);
 }
 
 void Writer::header(const FileHeader& h) {
@@ -124,6 +137,21 @@ void AtomicFileWriter::commit() {
 }
 
 // ---- Reader -------------------------------------------------------------------------------
+
+void Reader::consumed(const void* data, uint64_t len) {
+  hash_.update(data, len);
+  pos_ += len;
+}
+
+void Reader::skip_padding() {
+  char t[16];
+  if (remaining() < 16) return;
+  peek(t, 16);
+  if (std::memcmp(t, kPadTag, 4) != 0) return;
+  uint64_t len = section_begin(kPadTag, kMaxPad);
+  char buf[kMaxPad];
+  raw(buf, len);
+}
 
 void Reader::raw(void* dst, uint64_t len) {
   if (len > remaining())
@@ -217,6 +245,7 @@ void Reader::finish() {
 }
 
 void BytesReader::get(void* dst, size_t len) { std::memcpy(dst, data_ + pos_, len); }
+void BytesReader::peek(void* dst, size_t len) { std::memcpy(dst, data_ + pos_, len); }
 
 FileReader::FileReader(const std::string& path) : path_(path) {
   f_ = std::fopen(path.c_str(), "rb");
@@ -238,6 +267,52 @@ FileReader::~FileReader() {
 
 void FileReader::get(void* dst, size_t len) {
   if (std::fread(dst, 1, len, f_) != len) throw_format("cannot read '" + path_ + "': short read");
+}
+
+void FileReader::peek(void* dst, size_t len) {
+  get(dst, len);
+  if (std::fseek(f_, -static_cast<long>(len), SEEK_CUR) != 0)
+    throw_os(os_error("cannot seek in", path_));
+}
+
+MappedReader::MappedReader(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw_os(os_error("cannot open", path));
+  struct stat st;
+  const char* what = "cannot read";
+  int err = ::fstat(fd, &st) != 0 ? errno : (S_ISDIR(st.st_mode) ? EISDIR : 0);
+  void* p = nullptr;
+  if (!err && st.st_size > 0) {
+    p = ::mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) {
+      err = errno;
+      what = "cannot map";
+    }
+  }
+  ::close(fd);  // the map stays valid without the descriptor
+  if (err) {
+    errno = err;
+    throw_os(os_error(what, path));
+  }
+  size_ = static_cast<uint64_t>(st.st_size);
+  data_ = static_cast<const char*>(p);
+  const size_t bytes = static_cast<size_t>(size_);
+  if (p) map_ = std::shared_ptr<const void>(p, [bytes](const void* q) {
+    ::munmap(const_cast<void*>(q), bytes);
+  });
+}
+
+void MappedReader::get(void* dst, size_t len) { std::memcpy(dst, data_ + pos_, len); }
+void MappedReader::peek(void* dst, size_t len) { std::memcpy(dst, data_ + pos_, len); }
+
+const void* MappedReader::borrow(uint64_t len, uint64_t alignment) {
+  if (pos_ % alignment != 0) return nullptr;
+  if (len > remaining())
+    throw_format("truncated index file: needed " + std::to_string(len) + " more bytes at offset " +
+                 std::to_string(pos_) + ", only " + std::to_string(remaining()) + " remain");
+  const char* p = data_ + pos_;
+  consumed(p, len);
+  return p;
 }
 
 }  // namespace pyknn

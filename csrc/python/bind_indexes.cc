@@ -175,6 +175,7 @@ void bind_indexes(py::module_& m) {
       .def_property_readonly("ef_construction", &HNSWIndex::ef_construction)
       .def_property_readonly("seed", &HNSWIndex::seed)
       .def_property_readonly("max_level", &HNSWIndex::max_level)
+      .def_property_readonly("read_only", &HNSWIndex::read_only)
       .def("search",
            [](const HNSWIndex& idx, FloatArray q, size_t k, size_t ef_search,
               py::object filter_ids, py::object filter_mask) {
@@ -188,10 +189,10 @@ void bind_indexes(py::module_& m) {
            py::arg("filter_mask") = py::none());
   def_storage<HNSWIndex>(hnsw);
 
-  m.def("load", [](const std::string& path) {
+  m.def("load", [](const std::string& path, bool mmap) {
     py::gil_scoped_release nogil;
-    return load_index(path);
-  });
+    return load_index(path, mmap);
+  }, py::arg("path"), py::arg("mmap") = false);
   m.def("from_bytes", [](py::bytes b) {
     std::string s = b;
     py::gil_scoped_release nogil;

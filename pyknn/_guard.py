@@ -168,6 +168,22 @@ class Guarded:
                            **params)
 
 
+class inner:
+    """Context manager: calls of guarded methods inside it skip the checks (the caller did them).
+
+    Composite indexes wrap the calls they make on their parts in it, so that a merge thread
+    does not warn again about vectors that were checked when they were first added.
+    """
+
+    def __enter__(self):
+        _local.depth = getattr(_local, "depth", 0) + 1
+        return self
+
+    def __exit__(self, *exc):
+        _local.depth -= 1
+        return False
+
+
 def _outermost():
     depth = getattr(_local, "depth", 0)
     _local.depth = depth + 1

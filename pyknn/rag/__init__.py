@@ -2,7 +2,10 @@
 
 * :class:`TieredIndex`: a fresh exact tier in front of a large main index; merges in the
   background while searches go on.
+* :class:`MatryoshkaIndex`: first stage over a re-normalised prefix of each vector, exact
+  re-ranking of the shortlist with the full vectors.
 """
+from .matryoshka import FIRST_STAGES, MatryoshkaIndex
 from .tiered import TieredIndex
 
-__all__ = ["TieredIndex"]
+__all__ = ["TieredIndex", "MatryoshkaIndex", "FIRST_STAGES"]

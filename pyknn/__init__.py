@@ -14,7 +14,8 @@ from ._simd import simd_level, set_simd_level, available_simd_levels, num_thread
 from ._guard import ModelMismatchError, NormWarning
 from .indexes import FlatIndex, IVFFlatIndex, HNSWIndex, load
 from .kmeans import KMeans
-from .evaluation import recall_at_k, ndcg_at_k, mrr_at_k, ground_truth
+from .evaluation import recall_at_k, ndcg_at_k, mrr_at_k, ground_truth, evaluate
+from .factory import index_factory, estimate_memory
 
 __all__ = [
     "__version__",
@@ -35,4 +36,7 @@ __all__ = [
     "ndcg_at_k",
     "mrr_at_k",
     "ground_truth",
+    "evaluate",
+    "index_factory",
+    "estimate_memory",
 ]

@@ -60,10 +60,12 @@ def _model_missing():
 @pytest.fixture(scope="session")
 def minilm():
     """The real all-MiniLM-L6-v2 embedder, loaded once per test session, offline."""
+    import os
     reason = _model_missing()
     if reason:
+        if os.environ.get("PYKNN_REQUIRE_MODEL"):
+            pytest.fail(f"PYKNN_REQUIRE_MODEL is set but {reason}")
         pytest.skip(reason)
-    import os
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from pyknn.embed import load_minilm

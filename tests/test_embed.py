@@ -1,6 +1,7 @@
 """Embedders: the protocol, prefixes, truncation, batching; the real MiniLM model (offline);
 the OpenAI client against a local server that serves the same model; CallableEmbedder."""
 import importlib.util
+import os
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ from pyknn.embed import (PREFIXES, CallableEmbedder, Embedder, OpenAIEmbedder,
                          SentenceTransformerEmbedder)
 
 model = pytest.mark.model
-needs_openai = pytest.mark.skipif(importlib.util.find_spec("openai") is None,
+needs_openai = pytest.mark.skipif(importlib.util.find_spec("openai") is None
+                                  and not os.environ.get("PYKNN_REQUIRE_MODEL"),
                                   reason="openai is not installed (pip install '.[embed]')")
 
 

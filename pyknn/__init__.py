@@ -11,13 +11,17 @@ except ImportError as e:  # pragma: no cover - only in a source checkout without
         "installed package: run from another directory, or install in place with "
         "'pip install -e .'.") from None
 from ._simd import simd_level, set_simd_level, available_simd_levels, num_threads, set_num_threads
+from ._guard import ModelMismatchError, NormWarning
 from .indexes import FlatIndex, IVFFlatIndex, HNSWIndex, load
 from .kmeans import KMeans
-from .evaluation import recall_at_k, ndcg_at_k, mrr_at_k, ground_truth
+from .evaluation import recall_at_k, ndcg_at_k, mrr_at_k, ground_truth, evaluate
+from .factory import index_factory, estimate_memory
 
 __all__ = [
     "__version__",
     "FormatError",
+    "ModelMismatchError",
+    "NormWarning",
     "FlatIndex",
     "IVFFlatIndex",
     "HNSWIndex",
@@ -32,4 +36,7 @@ __all__ = [
     "ndcg_at_k",
     "mrr_at_k",
     "ground_truth",
+    "evaluate",
+    "index_factory",
+    "estimate_memory",
 ]

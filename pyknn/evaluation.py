@@ -20,7 +20,7 @@ import numpy as np
 
 from . import _metrics
 
-__all__ = ["recall_at_k", "ndcg_at_k", "mrr_at_k", "ground_truth", "METRICS"]
+__all__ = ["recall_at_k", "ndcg_at_k", "mrr_at_k", "ground_truth", "evaluate", "METRICS"]
 
 #: Metrics understood by :func:`ground_truth` (the same names as the indexes).
 METRICS = ("ip", "l2", "cosine")
@@ -363,3 +363,65 @@ def _rescore(base, Q, cand, metric, bnorm, convert, budget):
                 out[rs, cs] = np.sum(B * q, axis=-1)
     out[cand < 0] = -np.inf
     return out
+
+
+# --------------------------------------------------------------------------- one call
+def evaluate(index, queries, gt_ids=None, qrels=None, k: int = 10, *, base=None,
+             repeats: int = 1, **search_params) -> dict:
+    """Search ``queries`` with ``index`` and report quality and speed in one dict.
+
+    Parameters
+    ----------
+    index : a pyknn index (anything with ``search(q, k, **params) -> (D, I)``)
+    queries : array-like (nq, dim)
+    gt_ids : array-like of int (nq, >= k), optional
+        Exact nearest ids, best first (e.g. from :func:`ground_truth`). When omitted and
+        ``base`` is given, computed here with :func:`ground_truth` (base row i = id i).
+    qrels : array-like of int (nq,) or (nq, r), optional
+        Judged-relevant ids per query (-1 pads rows), for NDCG@10 and MRR@10.
+    k : int
+        Results per query and the cut-off of recall.
+    base : array-like (n, dim), optional
+        The indexed vectors, only to compute ``gt_ids`` when not given.
+    repeats : int
+        Timed searches after the first; QPS is from the fastest.
+    **search_params
+        Passed to ``index.search`` (nprobe, ef_search, rerank ...).
+
+    Returns
+    -------
+    dict with ``recall@k`` (None without ground truth), ``ndcg@10`` and ``mrr@10`` (None
+    without qrels), ``qps`` (queries per second of one batch call), ``seconds``, ``nq``, ``k``,
+    ``params`` and ``ids`` (the result ids, int64 (nq, k)).
+    """
+    import time
+
+    k = _check_k(k)
+    q = np.asarray(queries)
+    if q.ndim == 1:
+        q = q.reshape(1, -1)
+    if gt_ids is None and base is not None:
+        gt_ids = ground_truth(base, q, k, getattr(index, "metric", "ip"))[1]
+    if gt_ids is not None and np.asarray(gt_ids).shape[0] != q.shape[0]:
+        raise ValueError(f"gt_ids has {np.asarray(gt_ids).shape[0]} rows for {q.shape[0]} queries")
+    if qrels is not None and np.asarray(qrels).shape[0] != q.shape[0]:
+        raise ValueError(f"qrels has {np.asarray(qrels).shape[0]} rows for {q.shape[0]} queries")
+    best = np.inf
+    for i in range(1 + max(0, int(repeats))):
+        t0 = time.perf_counter()
+        _, ids = index.search(q, k, **search_params)
+        dt = time.perf_counter() - t0
+        if i or repeats == 0:
+            best = min(best, dt)
+    cut = 10
+    return {
+        f"recall@{k}": None if gt_ids is None else recall_at_k(ids, gt_ids, k),
+        f"ndcg@{cut}": None if qrels is None else ndcg_at_k(ids, qrels, cut),
+        f"mrr@{cut}": None if qrels is None else mrr_at_k(ids, qrels, cut),
+        "qps": q.shape[0] / best if best > 0 else float("inf"),
+        "seconds": best,
+        "nq": int(q.shape[0]),
+        "k": k,
+        "params": dict(search_params),
+        "ids": ids,
+    }

@@ -1,5 +1,4 @@
 """The index classes: argument checks, metadata and persistence around the C++ core."""
-import datetime
 import json
 import os
 
@@ -8,15 +7,20 @@ import numpy as np
 from . import _core
 from ._validation import (as_filter, as_ids, as_matrix, check_dim, check_k, check_metric,
                           check_positive_int, is_scalar_id)
-from ._version import __version__
+from ._guard import Guarded, new_metadata
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 __all__ = ["FlatIndex", "IVFFlatIndex", "HNSWIndex", "load"]
 
 
-class _Index:
-    """What every index shares: dim, metric, ids, metadata, save/load and pickling."""
+class _Index(Guarded):
+    """What every index shares: dim, metric, ids, metadata, model guard, save/load, pickling.
+
+    ``add`` and ``search`` of every subclass also accept ``model_id="name@revision"``: a model
+    other than the one the index was built with raises :class:`pyknn.ModelMismatchError`
+    (see :mod:`pyknn._guard`).
+    """
 
     def __init__(self):
         raise TypeError(f"{type(self).__name__} cannot be created directly")
@@ -25,14 +29,9 @@ class _Index:
         self._core = core
         meta = json.loads(core.metadata or "{}")
         if not meta:
-            meta = {
-                "pyknn_version": __version__,
-                "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                "index": type(self).__name__,
-                "dim": core.dim,
-                "metric": core.metric,
-                "normalized": core.metric == "cosine",
-            }
+            meta = new_metadata(type(self).__name__, core.dim, core.metric)
+        # Files written before the model guard existed carry no model id.
+        meta.setdefault("model_id", None)
         self._metadata = meta
 
     @classmethod
@@ -51,14 +50,6 @@ class _Index:
     def metric(self) -> str:
         """"ip" (inner product), "l2" (squared Euclidean) or "cosine"."""
         return self._core.metric
-
-    @property
-    def metadata(self) -> dict:
-        """A JSON-serialisable dict saved with the index (pyknn version, creation time, metric ...).
-
-        Add your own keys (for instance the embedding model id); they survive save/load and pickle.
-        """
-        return self._metadata
 
     def __len__(self) -> int:
         return len(self._core)
@@ -80,6 +71,13 @@ class _Index:
         ids : array-like of n int64, optional
             User ids. Default: consecutive integers continuing after the largest id seen so far
             (0, 1, 2 ... for a new index). -1 is reserved; ids already present are rejected.
+        model_id : str, optional (keyword)
+            The embedding model of ``x`` ("name@revision"). The first add with a model id binds
+            the index to it; a different one later raises :class:`pyknn.ModelMismatchError`.
+        strict : bool, optional (keyword)
+            Under metric "ip", vectors whose norm is off 1 by more than 1e-3 give one
+            :class:`pyknn.NormWarning`, or with ``strict=True`` a ValueError (nothing added).
+            Default: :attr:`strict_norms`.
         """
         x = as_matrix(x, self.dim, "vectors")
         if ids is not None:

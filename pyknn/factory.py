@@ -1,0 +1,169 @@
+"""index_factory("IVF1024,Flat") style strings, and memory estimates for them.
+
+Grammar (case-sensitive, comma-separated, as FAISS writes them):
+
+=============================  ======================================================
+``Flat``                       :class:`pyknn.FlatIndex`
+``IVF<nlist>,Flat``            :class:`pyknn.IVFFlatIndex` (nlist cells; needs ``train``)
+``HNSW<M>`` / ``HNSW<M>,Flat`` :class:`pyknn.HNSWIndex` with M links per node
+``IVF<nlist>,PQ<m>x<nbits>``   ``pyknn.IVFPQIndex`` (m sub-quantisers of nbits bits)
+``...PQ<m>x<nbits>fs``         the same with fast-scan (4-bit codes scanned in registers)
+``<any of the above>,Refine``  ``pyknn.RefineIndex``: re-rank with the full vectors
+=============================  ======================================================
+
+Each parsed spec is a small dataclass, so new index kinds plug in with one parser entry and
+one builder: the PQ entries build as soon as ``pyknn.IVFPQIndex`` / ``pyknn.RefineIndex``
+exist, and raise a clear error until then.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ._validation import check_dim, check_metric, check_positive_int
+
+__all__ = ["index_factory", "estimate_memory", "parse_spec", "IndexSpecification"]
+
+
+@dataclass(frozen=True)
+class IndexSpecification:
+    """A parsed factory string: the kind and its numeric parameters."""
+
+    kind: str                  # "flat" | "ivf_flat" | "hnsw" | "ivf_pq"
+    params: dict = field(default_factory=dict)
+    refine: bool = False
+    text: str = ""
+
+
+_PATTERNS = [
+    (re.compile(r"^Flat$"), lambda m: ("flat", {})),
+    (re.compile(r"^IVF(\d+),Flat$"), lambda m: ("ivf_flat", {"nlist": int(m[1])})),
+    (re.compile(r"^HNSW(\d+)(?:,Flat)?$"), lambda m: ("hnsw", {"M": int(m[1])})),
+    (re.compile(r"^IVF(\d+),PQ(\d+)(?:x(\d+))?(fs)?$"),
+     lambda m: ("ivf_pq", {"nlist": int(m[1]), "pq_m": int(m[2]),
+                           "nbits": int(m[3]) if m[3] else (4 if m[4] else 8),
+                           "fast_scan": bool(m[4])})),
+]
+
+_EXAMPLES = "Flat, IVF1024,Flat, HNSW32, IVF1024,PQ32x8, IVF1024,PQ48x4fs,Refine"
+
+
+def parse_spec(spec: str) -> IndexSpecification:
+    """Parse a factory string; ValueError naming the string and the accepted forms."""
+    if not isinstance(spec, str):
+        raise TypeError(f"index spec must be a string, got {type(spec).__name__}")
+    text = spec.strip().replace(" ", "")
+    refine = False
+    if text.endswith(",Refine"):
+        text, refine = text[:-len(",Refine")], True
+    for pattern, make in _PATTERNS:
+        m = pattern.match(text)
+        if m:
+            kind, params = make(m)
+            for k, v in params.items():
+                if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+                    raise ValueError(f"index spec {spec!r}: {k} must be at least 1, got {v}")
+            return IndexSpecification(kind, params, refine, spec)
+    raise ValueError(f"unknown index spec {spec!r}; accepted forms: {_EXAMPLES}")
+
+
+def _pq_classes(spec: IndexSpecification):
+    import pyknn
+    ivfpq = getattr(pyknn, "IVFPQIndex", None)
+    refine = getattr(pyknn, "RefineIndex", None)
+    missing = [n for n, c in (("IVFPQIndex", ivfpq), ("RefineIndex", refine if spec.refine else 1))
+               if c is None]
+    if missing:
+        raise ValueError(f"index spec {spec.text!r} needs pyknn.{' and pyknn.'.join(missing)}, "
+                         "which this pyknn does not have yet; available: Flat, IVF<nlist>,Flat, "
+                         "HNSW<M>")
+    return ivfpq, refine
+
+
+def index_factory(dim: int, spec: str, metric: str = "ip"):
+    """Build an (empty) index from a factory string.
+
+    Parameters
+    ----------
+    dim : int
+        Vector dimension.
+    spec : str
+        "Flat", "IVF1024,Flat", "HNSW32", "IVF1024,PQ32x8", "IVF1024,PQ48x4fs,Refine" ...
+        (see the module documentation).
+    metric : "ip" | "l2" | "cosine"
+
+    IVF indexes come back untrained (call ``train``). Unknown strings raise ValueError listing
+    the accepted forms; PQ forms raise ValueError while pyknn has no IVFPQIndex.
+    """
+    import pyknn
+    dim, metric = check_dim(dim), check_metric(metric)
+    s = parse_spec(spec)
+    p = s.params
+    if s.kind == "flat":
+        base = pyknn.FlatIndex(dim, metric)
+    elif s.kind == "ivf_flat":
+        base = pyknn.IVFFlatIndex(dim, nlist=check_positive_int(p["nlist"], "nlist", maximum=1 << 22),
+                                  metric=metric)
+    elif s.kind == "hnsw":
+        base = pyknn.HNSWIndex(dim, M=check_positive_int(p["M"], "M", minimum=2, maximum=4096),
+                               metric=metric)
+    else:
+        ivfpq, refine = _pq_classes(s)
+        if dim % p["pq_m"]:
+            raise ValueError(f"index spec {spec!r}: dim {dim} is not divisible by pq_m {p['pq_m']}")
+        kwargs = {"nlist": p["nlist"], "pq_m": p["pq_m"], "nbits": p["nbits"], "metric": metric}
+        if p["fast_scan"]:
+            accepted = inspect.signature(ivfpq).parameters
+            if "fast_scan" not in accepted:
+                raise ValueError(f"index spec {spec!r}: this pyknn.IVFPQIndex has no fast_scan option")
+            kwargs["fast_scan"] = True
+        base = ivfpq(dim, **kwargs)
+        return refine(base) if s.refine else base
+    if s.refine:
+        raise ValueError(f"index spec {spec!r}: Refine applies to compressed (PQ) indexes only; "
+                         f"{spec.rsplit(',', 1)[0]!r} already stores full vectors")
+    return base
+
+
+# Bytes per entry of the id map (csrc/index/index.cc IdMap::memory_usage): 32 per hash node
+# plus one 8-byte bucket pointer, with buckets between n and 2n after growth (1.5n assumed).
+_IDMAP_PER_ID = 32 + 8 * 1.5
+# HNSW: striped spin locks, one byte each (csrc/index/hnsw.h kStripes).
+_HNSW_STRIPES = 1 << 16
+
+
+def estimate_memory(n: int, dim: int, spec: str, metric: str = "ip") -> int:
+    """Bytes an index built from ``spec`` holds after one ``add`` of n vectors.
+
+    The same accounting as ``index.memory_usage()`` (vectors, codes, graph links, ids, id map).
+    Exact for Flat and IVF-Flat apart from the id map's bucket count (1.5 n assumed, within
+    +-0.5 n x 8 bytes); for HNSW the upper levels use their expected size (levels drawn with
+    P(level >= l) = M^-l, so n / (M - 1) upper-level link lists of M + 1 entries).
+    """
+    n = check_positive_int(n, "n", minimum=0)
+    dim, metric = check_dim(dim), check_metric(metric)
+    s = parse_spec(spec)
+    p = s.params
+    ids = n * (8 + _IDMAP_PER_ID)
+    if s.kind == "flat":
+        return int(n * dim * 4 + ids)
+    if s.kind == "ivf_flat":
+        # Centroids, the list headers (two std::vectors, 48 bytes), vectors and ids per list.
+        return int(p["nlist"] * (dim * 4 + 48) + n * dim * 4 + ids)
+    if s.kind == "hnsw":
+        M = p["M"]
+        per = (dim * 4              # vector
+               + (1 + 2 * M) * 4    # level-0 links: count + 2M
+               + 8 + 1 + 1          # upper-level pointer, level, state
+               + 4                  # duplicate chain
+               + (4 if metric == "ip" else 0))  # squared norm (ip graph)
+        upper = n / (M - 1) * (M + 1) * 4
+        return int(n * per + upper + ids + _HNSW_STRIPES)
+    ivfpq, refine = _pq_classes(s)
+    est = getattr(ivfpq, "estimate_memory", None)
+    if est is None:
+        raise ValueError(f"pyknn.IVFPQIndex has no estimate_memory; cannot estimate {spec!r}")
+    total = est(n, dim, nlist=p["nlist"], pq_m=p["pq_m"], nbits=p["nbits"])
+    return int(total + (n * dim * 4 if s.refine else 0))

@@ -1,0 +1,87 @@
+"""index_factory, estimate_memory (against memory_usage) and evaluate."""
+import warnings
+
+import numpy as np
+import pytest
+
+import pyknn
+import pyknn.datasets
+from pyknn.factory import parse_spec
+
+from conftest import clustered
+
+
+@pytest.mark.parametrize("spec,cls,attrs", [
+    ("Flat", pyknn.FlatIndex, {}),
+    ("IVF64,Flat", pyknn.IVFFlatIndex, {"nlist": 64}),
+    ("HNSW32", pyknn.HNSWIndex, {"M": 32}),
+    ("HNSW8,Flat", pyknn.HNSWIndex, {"M": 8}),
+])
+@pytest.mark.parametrize("metric", ["ip", "l2", "cosine"])
+def test_factory_builds_the_index(spec, cls, attrs, metric):
+    idx = pyknn.index_factory(24, spec, metric=metric)
+    assert type(idx) is cls and idx.dim == 24 and idx.metric == metric
+    for k, v in attrs.items():
+        assert getattr(idx, k) == v
+
+
+@pytest.mark.parametrize("bad", ["", "flat", "IVF,Flat", "HNSW", "IVF0,Flat", "PQ32", "HNSW32,PQ8",
+                                 "IVF10,Flat,Refine", "LSH"])
+def test_unknown_or_invalid_specs(bad):
+    with pytest.raises(ValueError, match="spec"):
+        pyknn.index_factory(32, bad)
+
+
+def test_pq_specs_parse_and_wait_for_ivfpq():
+    s = parse_spec("IVF1024,PQ48x4fs,Refine")
+    assert s.kind == "ivf_pq" and s.refine
+    assert s.params == {"nlist": 1024, "pq_m": 48, "nbits": 4, "fast_scan": True}
+    assert parse_spec("IVF1024,PQ32x8").params["nbits"] == 8
+    if not hasattr(pyknn, "IVFPQIndex"):
+        with pytest.raises(ValueError, match="needs pyknn.IVFPQIndex.*available: Flat"):
+            pyknn.index_factory(384, "IVF1024,PQ32x8")
+        with pytest.raises(ValueError, match="IVFPQIndex and pyknn.RefineIndex"):
+            pyknn.index_factory(384, "IVF1024,PQ48x4fs,Refine")
+
+
+@pytest.mark.parametrize("spec", ["Flat", "IVF32,Flat", "HNSW16", "HNSW32"])
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_estimate_memory_agrees_with_memory_usage(spec, metric):
+    n, dim = 6000, 48
+    x = clustered(n, dim, seed=1)
+    idx = pyknn.index_factory(dim, spec, metric=metric)
+    if hasattr(idx, "train"):
+        idx.train(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pyknn.NormWarning)
+        idx.add(x)
+    est, real = pyknn.estimate_memory(n, dim, spec, metric=metric), idx.memory_usage()
+    # Exact but for the hash map's bucket count (and HNSW's random levels): within 3%.
+    assert abs(est - real) / real < 0.03, (est, real)
+
+
+def test_estimate_memory_errors():
+    with pytest.raises(ValueError, match="unknown index spec"):
+        pyknn.estimate_memory(10, 8, "Fast")
+    with pytest.raises(ValueError, match="n must be at least 0"):
+        pyknn.estimate_memory(-1, 8, "Flat")
+
+
+def test_evaluate_on_the_sample():
+    s = pyknn.datasets.load_sample()
+    base, q = s.base.astype(np.float32), s.queries[:300].astype(np.float32)
+    flat = pyknn.FlatIndex(384, "ip")
+    flat.add(base)
+    r = pyknn.evaluate(flat, q, gt_ids=s.gt_ids[:300], qrels=s.qrels[:300], k=10)
+    assert r["recall@10"] == pytest.approx(1.0)
+    # Independent check of the relevance figures.
+    assert r["ndcg@10"] == pytest.approx(pyknn.ndcg_at_k(r["ids"], s.qrels[:300], 10))
+    assert 0.5 < r["mrr@10"] <= 1 and r["qps"] > 0 and r["nq"] == 300
+    hnsw = pyknn.HNSWIndex(384, M=8, ef_construction=40)
+    hnsw.add(base)
+    lo = pyknn.evaluate(hnsw, q, gt_ids=s.gt_ids[:300], k=10, ef_search=10)
+    hi = pyknn.evaluate(hnsw, q, base=base, k=10, ef_search=200)
+    assert lo["recall@10"] < hi["recall@10"] and hi["params"] == {"ef_search": 200}
+    assert lo["ndcg@10"] is None
+    with pytest.raises(ValueError, match="gt_ids has 5 rows for 300 queries"):
+        pyknn.evaluate(flat, q, gt_ids=s.gt_ids[:5])

@@ -1,0 +1,123 @@
+"""MatryoshkaIndex: prefix first stage + exact re-ranking on full vectors."""
+import numpy as np
+import pytest
+
+import pyknn
+import pyknn.datasets
+from pyknn.rag import MatryoshkaIndex
+
+from conftest import clustered
+
+
+def unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def sample():
+    s = pyknn.datasets.load_sample()
+    return s.base[:4000].astype(np.float32), s.queries[:200].astype(np.float32)
+
+
+def test_flat_first_stage_full_prefix_is_exact(sample):
+    base, q = sample
+    m = MatryoshkaIndex(384, search_dim=384, first_stage="flat", rerank=10)
+    m.add(base)
+    exact = pyknn.ground_truth(base, q, 10, "ip")
+    D, I = m.search(q, 10)
+    assert pyknn.recall_at_k(I, exact[1], 10) > 0.999
+    np.testing.assert_allclose(D, exact[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("first_stage", ["flat", "hnsw"])
+@pytest.mark.parametrize("store_dtype", ["float32", "float16"])
+def test_rerank_recovers_recall_on_real_vectors(sample, first_stage, store_dtype):
+    base, q = sample
+    gt = pyknn.ground_truth(base, q, 10, "ip")[1]
+    m = MatryoshkaIndex(384, search_dim=128, first_stage=first_stage, rerank=100,
+                        store_dtype=store_dtype)
+    m.add(base, ids=np.arange(4000) * 3 + 7)
+    I = m.search(q, 10)[1]
+    assert set(np.unique(I)) <= set((np.arange(4000) * 3 + 7).tolist())
+    recall = pyknn.recall_at_k((I - 7) // 3, gt, 10)
+    # The prefix alone (no re-ranking) is clearly worse: the second stage earns its keep.
+    prefix = pyknn.FlatIndex(128, "cosine")
+    prefix.add(base[:, :128])
+    r_prefix = pyknn.recall_at_k(prefix.search(q[:, :128], 10)[1], gt, 10)
+    # MiniLM is not Matryoshka-trained: 128 of 384 components give ~0.44 alone, ~0.86 re-ranked.
+    assert recall > 0.8 and recall > r_prefix + 0.3, (recall, r_prefix)
+    m1 = MatryoshkaIndex(384, search_dim=128, first_stage=first_stage, rerank=10)
+    m1.add(base)
+    assert pyknn.recall_at_k(m1.search(q, 10)[1], gt, 10) < recall
+    assert m.memory_usage() > 4000 * 384 * (4 if store_dtype == "float32" else 2)
+
+
+def test_scores_are_full_vector_inner_products():
+    x = unit(clustered(500, 32, seed=3))
+    m = MatryoshkaIndex(32, search_dim=8, first_stage="hnsw", rerank=50)
+    m.add(x)
+    D, I = m.search(x[:20], 5)
+    np.testing.assert_allclose(D, np.einsum("ij,ikj->ik", x[:20], x[I]), atol=1e-5)
+    assert (I[:, 0] == np.arange(20)).all()
+    assert (np.diff(D, axis=1) <= 1e-6).all()
+
+
+def test_remove_get_filter_persistence(tmp_path):
+    x = unit(clustered(300, 16, seed=4))
+    m = MatryoshkaIndex(16, search_dim=8, first_stage="flat", rerank=30, metric="cosine")
+    m.add(x * 3, model_id="mrl@1")  # cosine: stored normalised
+    np.testing.assert_allclose(m.get([5]), x[5:6], atol=1e-6)
+    assert m.remove([5, 6]) == 2 and len(m) == 298 and 5 not in m
+    with pytest.raises(KeyError, match="5"):
+        m.remove([5])
+    assert 5 not in m.search(x[5], 10)[1]
+    D, I = m.search(x[:3], 4, filter=[10, 11, 12, 5])
+    assert set(I.ravel().tolist()) <= {10, 11, 12, -1}
+    m.save(tmp_path / "m.pyknn")
+    u = MatryoshkaIndex.load(tmp_path / "m.pyknn")
+    assert len(u) == 298 and u.model_id == "mrl@1" and u.search_dim == 8
+    for a, b in zip(m.search(x[:30], 7), u.search(x[:30], 7)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(pyknn.ModelMismatchError):
+        u.search(x[:1], 3, model_id="other@1")
+    u.add(x[:2])
+    assert u.ids.max() == 301
+    raw = (tmp_path / "m.pyknn").read_bytes()
+    (tmp_path / "bad").write_bytes(raw[:-10])
+    with pytest.raises(pyknn.FormatError):
+        MatryoshkaIndex.load(tmp_path / "bad")
+
+
+def test_bad_input_and_parameters():
+    m = MatryoshkaIndex(16, search_dim=4, first_stage="flat")
+    x = unit(clustered(20, 16, seed=5))
+    bad = x.copy()
+    bad[3, 10] = np.inf  # beyond the prefix: still caught
+    with pytest.raises(ValueError, match="row 3"):
+        m.add(bad)
+    z = x.copy()
+    z[2, :4] = 0
+    with pytest.raises(ValueError, match="row 2: its first 4 components are all zero"):
+        m.add(z)
+    with pytest.raises(ValueError, match="expected dim 16, got 8"):
+        m.add(x[:, :8])
+    assert len(m) == 0
+    m.add(x)
+    with pytest.raises(ValueError, match="already in the index"):
+        m.add(x[:2], ids=[0, 100])
+    assert len(m) == 20
+    with pytest.raises(ValueError, match="search_dim must be at most 16"):
+        MatryoshkaIndex(16, search_dim=17)
+    with pytest.raises(ValueError, match="unknown first_stage 'ivf'.*flat, hnsw"):
+        MatryoshkaIndex(16, search_dim=4, first_stage="ivf")
+    with pytest.raises(ValueError, match="metric"):
+        MatryoshkaIndex(16, search_dim=4, metric="l2")
+
+
+def test_ivfpq_first_stage_depends_on_ivfpq_index():
+    if hasattr(pyknn, "IVFPQIndex"):
+        m = MatryoshkaIndex(64, search_dim=32, first_stage="ivfpq", nlist=4, pq_m=8, nbits=4)
+        assert type(m.first_stage) is pyknn.IVFPQIndex
+    else:
+        with pytest.raises(ValueError, match="needs pyknn.IVFPQIndex.*available first stages: flat, hnsw"):
+            MatryoshkaIndex(64, search_dim=32, first_stage="ivfpq")

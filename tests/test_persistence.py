@@ -187,6 +187,9 @@ def test_golden_file_v1_loads():
 @pytest.mark.parametrize("name,cls,extra", [
     ("ivf_flat_v1", "IVFFlatIndex", {"nlist": 2, "nprobe": 2}),
     ("hnsw_v1", "HNSWIndex", {"M": 4, "ef_construction": 16}),
+    ("ivf_pq_v1", "IVFPQIndex", {"nlist": 2, "nprobe": 2, "pq_m": 2, "nbits": 4, "rerank": 6,
+                                 "rerank_dtype": "float32"}),
+    ("pq_v1", "PQIndex", {"pq_m": 2, "nbits": 4, "rerank": 6, "rerank_dtype": "float32"}),
 ])
 def test_golden_files_of_other_kinds_load(name, cls, extra):
     """Format-version-1 files of every index kind keep loading, with the same answers."""

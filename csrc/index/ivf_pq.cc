@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <mutex>
 
 #include "common/errors.h"
@@ -295,26 +296,6 @@ void IVFPQIndex::base_table(const float* ip, const float* qv, float* out) const 
   }
 }
 
-float IVFPQIndex::coarse_term(const simd::Kernels& K, const float* qv, size_t l) const {
-  if (!by_residual_) return 0.f;
-  const float* c = centroids_.data() + l * dim_;
-  return metric_ == Metric::L2 ? -K.l2sq(qv, c, dim_) : K.dot(qv, c, dim_);
-}
-
-float IVFPQIndex::adc_one(const float* base, const float* qv, size_t l, size_t off) const {
-  (void)qv;
-  const size_t M = pq_.pq_m(), ks = pq_.ksub();
-  uint8_t code[4096];
-  read_code(lists_[l], off, code);
-  float s = 0.f;
-  const float* t2 = term2_.empty() ? nullptr : term2_.data() + l * M * ks;
-  for (size_t m = 0; m < M; ++m) {
-    s += base[m * ks + code[m]];
-    if (t2) s -= t2[m * ks + code[m]];
-  }
-  return s;
-}
-
 float IVFPQIndex::exact_score(const simd::Kernels& K, const float* qv, size_t l, size_t off,
                               float* tmp) const {
   const List& L = lists_[l];
@@ -397,33 +378,30 @@ void IVFPQIndex::search(const float* q, size_t nq, size_t k, size_t nprobe, size
                            ? std::min(nprobe, (threads + nq - 1) / nq) : 1;
   const size_t qchunk = parts > 1 ? 1 : std::max<size_t>(1, std::min<size_t>(32, nq / (4 * threads)));
   const size_t nchunks = (nq + qchunk - 1) / qchunk;
-  std::vector<float> hs(parts * nq * kc);
-  std::vector<int64_t> hr(parts * nq * kc);
+  // Per (part, query): the best r1 by float ADC. 4-bit scans keep a second heap of the best kc
+  // by quantised score; a code entering it is re-scored with the float table at once, while the
+  // list's table and coarse term are at hand.
+  std::vector<float> hs(parts * nq * r1);
+  std::vector<int64_t> hr(parts * nq * r1);
   std::vector<size_t> hsize(parts * nq, 0);
-  // 4-bit tables are re-used when re-scoring; 8-bit ones (pq_m x 256) only live per chunk.
-  std::vector<float> all_ip(fast ? nq * M * ks : 0);
 
   parallel_for(nchunks * parts, [&](size_t task) {
     const size_t chunk = task / parts, part = task % parts;
     const size_t q0 = chunk * qchunk, mq = std::min(qchunk, nq - q0);
-    std::vector<float> ipbuf, base(M * ks), lut(M * ks), s(max_scan);
+    std::vector<float> ip(mq * M * ks), base(M * ks), lut(M * ks), s(max_scan);
     std::vector<uint32_t> idx(max_scan);
-    std::vector<uint8_t> lut8(fast ? M * 16 : 0);
+    std::vector<uint8_t> lut8(fast ? M * 16 : 0), code(M);
     std::vector<uint16_t> acc(fast ? max_scan : 0);
-    float* ip;
-    if (fast) {
-      ip = all_ip.data() + q0 * M * ks;
-    } else {
-      ipbuf.resize(mq * M * ks);
-      ip = ipbuf.data();
-    }
-    pq_.inner_product_tables(K, queries + q0 * dim_, mq, ip);
+    std::vector<float> qs(fast ? kc : 0);
+    std::vector<int64_t> qr(fast ? kc : 0);
+    pq_.inner_product_tables(K, queries + q0 * dim_, mq, ip.data());
     for (size_t i = 0; i < mq; ++i) {
       const size_t qi = q0 + i;
       const float* qv = queries + qi * dim_;
-      base_table(ip + i * M * ks, qv, base.data());
+      base_table(ip.data() + i * M * ks, qv, base.data());
       const size_t slot = part * nq + qi;
-      TopK h(hs.data() + slot * kc, hr.data() + slot * kc, kc);
+      TopK h(hs.data() + slot * r1, hr.data() + slot * r1, r1);
+      TopK hq(qs.data(), qr.data(), kc);
       QuantTable qt;
       if (fast && !l2_residual()) qt = quantise_table(base.data(), M, lut8.data());
       for (size_t p = nprobe * part / parts; p < nprobe * (part + 1) / parts; ++p) {
@@ -441,44 +419,47 @@ void IVFPQIndex::search(const float* q, size_t nq, size_t k, size_t nprobe, size
           table = lut.data();
         }
         const uint8_t* lmask = maskp ? maskp + prefix[l] : nullptr;
+        const int64_t row0 = encode_loc(l, 0);
         if (!fast) {
           K.pq8_scan(table, L.codes.data(), n, M, bias, s.data());
-        } else {
-          if (l2_residual()) qt = quantise_table(table, M, lut8.data());
-          const size_t nb = (n + kBlock - 1) / kBlock;
-          K.pq4_scan(L.codes.data(), nb, M, lut8.data(), acc.data());
-          const float b0 = bias + qt.offset;
-          for (size_t j = 0; j < n; ++j) s[j] = b0 + qt.delta * static_cast<float>(acc[j]);
+          scan.ip(h, s.data(), n, row0, lmask, idx.data());
+          continue;
         }
-        scan.ip(h, s.data(), n, encode_loc(l, 0), lmask, idx.data());
+        if (l2_residual()) qt = quantise_table(table, M, lut8.data());
+        K.pq4_scan(L.codes.data(), (n + kBlock - 1) / kBlock, M, lut8.data(), acc.data());
+        const float b0 = bias + qt.offset;
+        for (size_t j = 0; j < n; ++j) s[j] = b0 + qt.delta * static_cast<float>(acc[j]);
+        for (size_t j0 = 0; j0 < n; j0 += 64) {
+          const size_t len = std::min<size_t>(64, n - j0);
+          const size_t c = hq.size < hq.k ? (std::iota(idx.begin(), idx.begin() + len, 0u), len)
+                                         : K.select_ge(s.data() + j0, len, hq.threshold(), idx.data());
+          for (size_t t = 0; t < c; ++t) {
+            const size_t j = j0 + idx[t];
+            if (lmask && !lmask[j]) continue;
+            const float before = hq.threshold();
+            if (!(s[j] >= before)) continue;
+            hq.push(s[j], row0 + static_cast<int64_t>(j));
+            read_code(L, j, code.data());
+            float f = bias;
+            for (size_t m = 0; m < M; ++m) f += table[m * ks + code[m]];
+            h.push(f, row0 + static_cast<int64_t>(j));
+          }
+        }
       }
       hsize[slot] = h.size;
     }
   });
 
-  // Per query: merge the parts, re-score 4-bit candidates with float tables, re-rank exactly.
+  // Per query: merge the parts, then re-rank exactly (or keep the ADC scores).
   parallel_for(nq, [&](size_t qi) {
-    std::vector<float> cs(kc), base(fast ? M * ks : 0), tmp(dim_);
-    std::vector<int64_t> cr(kc);
-    TopK all(cs.data(), cr.data(), kc);
-    for (size_t part = 0; part < parts; ++part) {
-      const size_t slot = part * nq + qi;
-      for (size_t j = 0; j < hsize[slot]; ++j) all.push(hs[slot * kc + j], hr[slot * kc + j]);
-    }
-    const size_t nc = all.size;
-    const float* qv = queries + qi * dim_;
-    std::vector<float> s2(r1);
+    std::vector<float> s2(r1), tmp(dim_);
     std::vector<int64_t> r2(r1);
     TopK second(s2.data(), r2.data(), r1);
-    if (fast) {
-      base_table(all_ip.data() + qi * M * ks, qv, base.data());
-      for (size_t j = 0; j < nc; ++j) {
-        const size_t l = list_of(cr[j]), off = offset_of(cr[j]);
-        second.push(coarse_term(K, qv, l) + adc_one(base.data(), qv, l, off), cr[j]);
-      }
-    } else {
-      for (size_t j = 0; j < nc; ++j) second.push(cs[j], cr[j]);
+    for (size_t part = 0; part < parts; ++part) {
+      const size_t slot = part * nq + qi;
+      for (size_t j = 0; j < hsize[slot]; ++j) second.push(hs[slot * r1 + j], hr[slot * r1 + j]);
     }
+    const float* qv = queries + qi * dim_;
     float* dq = distances + qi * k_out;
     int64_t* iq = out_ids + qi * k_out;
     TopK out(dq, iq, std::min(k_out, r1));

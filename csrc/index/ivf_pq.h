@@ -8,8 +8,8 @@
 // tables (kernel pq8_scan).
 // nbits = 4 ("fast scan"): codes are stored interleaved in blocks of 32 vectors (see
 // Kernels::pq4_scan); the tables are quantised to uint8 and looked up with byte shuffles, sums in
-// uint16. The best 2 * max(k, rerank) by quantised score are then re-scored with the float
-// tables.
+// uint16. Every code that enters the best 2 * max(k, rerank) by quantised score is re-scored
+// with the float tables, and the best max(k, rerank) by those float scores are kept.
 //
 // Scores (larger is better inside; L2 distances are negated):
 //   ip / cosine, by_residual:  <q, c_l> + sum_m <q_m, r_m[code_m]>     (coarse score + table)
@@ -105,9 +105,6 @@ class IVFPQIndex : public Index {
   // The per-query part of the tables from the inner products ip (pq_m x ksub): ip itself (ip),
   // 2 ip (l2 residual, T2 subtracted per list) or -||q_m - c_mj||^2 (l2).
   void base_table(const float* ip, const float* qv, float* out) const;
-  // The score of the code at (l, off) for one query: coarse term + table sum (float).
-  float adc_one(const float* base, const float* qv, size_t l, size_t off) const;
-  float coarse_term(const simd::Kernels& K, const float* qv, size_t l) const;
   float exact_score(const simd::Kernels& K, const float* qv, size_t l, size_t off,
                     float* tmp) const;
   void decode_one(size_t l, size_t off, float* out) const;

@@ -276,7 +276,7 @@ register(IndexSpec(name="IVFFlatIndex", family="IVF-Flat", build=_build_ivf_flat
 # libraries. pq_m "auto" gives 8 dimensions per sub-quantizer at nbits=8 and 4 at nbits=4 (48
 # bytes of code per 384-d vector either way). "+refine" rows keep the float32 vectors and re-rank
 # the best PQ_RERANK by ADC exactly (FAISS: IndexRefineFlat with k_factor = PQ_RERANK / k).
-PQ_NPROBE_SWEEP = (1, 4, 8, 16, 32, 64, 128)
+PQ_NPROBE_SWEEP = (1, 4, 16, 64, 128, 192, 256, 384)
 PQ_RERANK = 100
 
 

@@ -464,7 +464,19 @@ void IVFPQIndex::search(const float* q, size_t nq, size_t k, size_t nprobe, size
     int64_t* iq = out_ids + qi * k_out;
     TopK out(dq, iq, std::min(k_out, r1));
     if (rerank > 0) {
+      // The shortlist's vectors are scattered over the whole store: fetch a few ahead.
+      const size_t esize = rerank_ == RerankStorage::Float32 ? 4 : 2;
+      auto prefetch = [&](int64_t loc) {
+        const List& L = lists_[list_of(loc)];
+        const char* p = rerank_ == RerankStorage::Float32
+                            ? reinterpret_cast<const char*>(L.xf.data() + offset_of(loc) * dim_)
+                            : reinterpret_cast<const char*>(L.xh.data() + offset_of(loc) * dim_);
+        for (size_t b = 0; b < dim_ * esize; b += 64) __builtin_prefetch(p + b);
+      };
+      constexpr size_t kAhead = 4;
+      for (size_t j = 0; j < std::min(kAhead, second.size); ++j) prefetch(r2[j]);
       for (size_t j = 0; j < second.size; ++j) {
+        if (j + kAhead < second.size) prefetch(r2[j + kAhead]);
         const size_t l = list_of(r2[j]), off = offset_of(r2[j]);
         out.push(exact_score(K, qv, l, off, tmp.data()), r2[j]);
       }

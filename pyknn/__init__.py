@@ -12,7 +12,8 @@ except ImportError as e:  # pragma: no cover - only in a source checkout without
         "'pip install -e .'.") from None
 from ._simd import simd_level, set_simd_level, available_simd_levels, num_threads, set_num_threads
 from ._guard import ModelMismatchError, NormWarning
-from .indexes import FlatIndex, IVFFlatIndex, HNSWIndex, load
+from .indexes import FlatIndex, IVFFlatIndex, HNSWIndex, PQIndex, IVFPQIndex, RefineIndex, load
+from .pq import ProductQuantizer
 from .kmeans import KMeans
 from .evaluation import recall_at_k, ndcg_at_k, mrr_at_k, ground_truth, evaluate
 from .factory import index_factory, estimate_memory
@@ -25,6 +26,10 @@ __all__ = [
     "FlatIndex",
     "IVFFlatIndex",
     "HNSWIndex",
+    "PQIndex",
+    "IVFPQIndex",
+    "RefineIndex",
+    "ProductQuantizer",
     "KMeans",
     "load",
     "simd_level",

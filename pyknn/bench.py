@@ -35,7 +35,7 @@ import numpy as np
 from . import _simd
 from ._version import __version__
 from .evaluation import ground_truth, mrr_at_k, ndcg_at_k, recall_at_k
-from .indexes import FlatIndex, HNSWIndex, IVFFlatIndex
+from .indexes import FlatIndex, HNSWIndex, IVFFlatIndex, IVFPQIndex
 
 __all__ = [
     "BenchData", "IndexSpec", "register", "registered_specs", "get_spec", "select_specs",
@@ -272,6 +272,57 @@ register(IndexSpec(name="IVFFlatIndex", family="IVF-Flat", build=_build_ivf_flat
                    settings=[{"nprobe": p} for p in IVF_NPROBE_SWEEP]))
 
 
+# IVF-PQ: the same nlist, pq_m, nbits, training data and k-means iterations for both
+# libraries. pq_m "auto" gives 8 dimensions per sub-quantizer at nbits=8 and 4 at nbits=4 (48
+# bytes of code per 384-d vector either way). "+refine" rows keep the float32 vectors and re-rank
+# the best PQ_RERANK by ADC exactly (FAISS: IndexRefineFlat with k_factor = PQ_RERANK / k).
+PQ_NPROBE_SWEEP = (1, 4, 16, 64, 128, 192, 256, 384)
+PQ_RERANK = 100
+
+
+def auto_pq_m(dim: int, nbits: int) -> int:
+    """pq_m for the benchmarks: the largest divisor of dim with at least 8 (nbits=8) or 4
+    (nbits=4) dimensions per sub-quantizer (even for nbits=4)."""
+    dsub = 8 if nbits == 8 else 4
+    ok = [m for m in range(1, dim + 1) if dim % m == 0 and dim // m >= dsub
+          and (nbits == 8 or m % 2 == 0)]
+    return max(ok) if ok else (2 if nbits == 4 and dim % 2 == 0 else 1)
+
+
+def _resolve_params(data, params):
+    out = {}
+    for key, value in params.items():
+        if key == "nlist":
+            value = _nlist(data, value)
+        elif key == "pq_m" and value == "auto":
+            value = auto_pq_m(data.dim, params.get("nbits", 8))
+        out[key] = value
+    return out
+
+
+def _build_ivf_pq(data, threads, nlist="auto", pq_m="auto", nbits=8, refine=False):
+    _simd.set_num_threads(threads)
+    index = IVFPQIndex(data.dim, nlist=_nlist(data, nlist), pq_m=auto_pq_m(data.dim, nbits)
+                       if pq_m == "auto" else pq_m, nbits=nbits, metric=data.metric,
+                       rerank_dtype="float32" if refine else None)
+    index.train(data.base, n_iter=IVF_TRAIN_ITERATIONS)
+    index.add(data.base)
+    return index
+
+
+def _pq_settings(refine):
+    return [{"nprobe": p, **({"rerank": PQ_RERANK} if refine else {})} for p in PQ_NPROBE_SWEEP]
+
+
+for _nbits, _fam in ((8, "IVF-PQ8"), (4, "IVF-PQ4fs")):
+    for _refine in (False, True):
+        register(IndexSpec(
+            name=f"IVFPQIndex nbits={_nbits}" + (" +rerank" if _refine else ""),
+            family=_fam + ("+refine" if _refine else ""), build=_build_ivf_pq,
+            params={"nlist": "auto", "pq_m": "auto", "nbits": _nbits, "refine": _refine},
+            settings=_pq_settings(_refine)))
+
+
 # HNSW: the same M and ef_construction for every library; the sweep is over ef_search.
 HNSW_PARAMS = {"M": 16, "ef_construction": 200}
 HNSW_EF_SWEEP = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -371,6 +422,54 @@ register(IndexSpec(
     build=_build_usearch_exact, search=_search_usearch_exact,
     memory=lambda index, data: index["base"].nbytes,
     memory_note="the float32 array it scans (usearch.index.search(..., exact=True) keeps no index)"))
+
+
+# faiss IndexIVFPQ / IndexIVFPQFastScan (+ IndexRefineFlat) with the same parameters.
+def _build_faiss_ivf_pq(data, threads, nlist="auto", pq_m="auto", nbits=8, refine=False):
+    import faiss
+    faiss.omp_set_num_threads(threads)
+    nlist = _nlist(data, nlist)
+    pq_m = auto_pq_m(data.dim, nbits) if pq_m == "auto" else pq_m
+    ip = data.metric != "l2"
+    metric = faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2
+    base = _faiss_base(data)
+    quantizer = faiss.IndexFlatIP(data.dim) if ip else faiss.IndexFlatL2(data.dim)
+    if nbits == 4:
+        ivf = faiss.IndexIVFPQFastScan(quantizer, data.dim, nlist, pq_m, 4, metric)
+    else:
+        ivf = faiss.IndexIVFPQ(quantizer, data.dim, nlist, pq_m, nbits, metric)
+    ivf.cp.niter = IVF_TRAIN_ITERATIONS
+    index = faiss.IndexRefineFlat(ivf) if refine else ivf
+    index.train(base)
+    index.add(base)
+    return index, data.metric == "cosine", ivf, quantizer
+
+
+def _search_faiss_ivf_pq(built, queries, k, threads, nprobe, rerank=None):
+    index, _, ivf = built[:3]
+    ivf.nprobe = nprobe
+    if rerank:
+        index.k_factor = rerank / k
+    return _search_faiss(built[:2], queries, k, threads)
+
+
+def _faiss_ivf_pq_memory(built, data):
+    index, _, ivf = built[:3]
+    # Codes and ids in the inverted lists, the centroids, plus the refine vectors.
+    mem = int(ivf.ntotal) * (int(ivf.code_size) + 8) + ivf.nlist * data.dim * 4
+    return mem + (int(index.ntotal) * data.dim * 4 if index is not ivf else 0)
+
+
+for _nbits, _fam, _cls in ((8, "IVF-PQ8", "IndexIVFPQ"), (4, "IVF-PQ4fs", "IndexIVFPQFastScan")):
+    for _refine in (False, True):
+        register(IndexSpec(
+            name=f"faiss {_cls}" + (" +IndexRefineFlat" if _refine else ""),
+            family=_fam + ("+refine" if _refine else ""), library="faiss", requires="faiss",
+            install="faiss-cpu", build=_build_faiss_ivf_pq, search=_search_faiss_ivf_pq,
+            params={"nlist": "auto", "pq_m": "auto", "nbits": _nbits, "refine": _refine},
+            settings=_pq_settings(_refine), memory=_faiss_ivf_pq_memory,
+            memory_note="ntotal * (code_size + 8-byte id) + nlist * dim * 4 (+ ntotal * dim * 4 "
+                        "refine vectors)"))
 
 
 # faiss IndexIVFFlat with the same nlist, metric, training data and iteration count.
@@ -680,8 +779,7 @@ def _run_spec(spec, data, k, threads, repeats, single_queries, progress, context
     memory = spec.memory(index, data)
     rows = []
     # Show the values "auto" resolved to (e.g. nlist=1024), not "auto".
-    build_params = {key: (_nlist(data, value) if key == "nlist" else value)
-                    for key, value in spec.params.items()}
+    build_params = _resolve_params(data, spec.params)
     for setting in spec.settings:
         params = {**build_params, **setting}
         label = " ".join([spec.name] + [f"{key}={value}" for key, value in params.items()])

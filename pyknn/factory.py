@@ -7,17 +7,15 @@ Grammar (case-sensitive, comma-separated, as FAISS writes them):
 ``IVF<nlist>,Flat``            :class:`pyknn.IVFFlatIndex` (nlist cells; needs ``train``)
 ``HNSW<M>`` / ``HNSW<M>,Flat`` :class:`pyknn.HNSWIndex` with M links per node
 ``IVF<nlist>,PQ<m>x<nbits>``   ``pyknn.IVFPQIndex`` (m sub-quantisers of nbits bits)
-``...PQ<m>x<nbits>fs``         the same with fast-scan (4-bit codes scanned in registers)
-``<any of the above>,Refine``  ``pyknn.RefineIndex``: re-rank with the full vectors
+``...PQ<m>x4fs``               the same, 4-bit codes (always scanned with fast scan)
+``<PQ spec>,Refine``            ``pyknn.RefineIndex``: re-rank with the full vectors
 =============================  ======================================================
 
 Each parsed spec is a small dataclass, so new index kinds plug in with one parser entry and
-one builder: the PQ entries build as soon as ``pyknn.IVFPQIndex`` / ``pyknn.RefineIndex``
-exist, and raise a clear error until then.
+one builder.
 """
 from __future__ import annotations
 
-import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -69,19 +67,6 @@ def parse_spec(spec: str) -> IndexSpecification:
     raise ValueError(f"unknown index spec {spec!r}; accepted forms: {_EXAMPLES}")
 
 
-def _pq_classes(spec: IndexSpecification):
-    import pyknn
-    ivfpq = getattr(pyknn, "IVFPQIndex", None)
-    refine = getattr(pyknn, "RefineIndex", None)
-    missing = [n for n, c in (("IVFPQIndex", ivfpq), ("RefineIndex", refine if spec.refine else 1))
-               if c is None]
-    if missing:
-        raise ValueError(f"index spec {spec.text!r} needs pyknn.{' and pyknn.'.join(missing)}, "
-                         "which this pyknn does not have yet; available: Flat, IVF<nlist>,Flat, "
-                         "HNSW<M>")
-    return ivfpq, refine
-
-
 def index_factory(dim: int, spec: str, metric: str = "ip"):
     """Build an (empty) index from a factory string.
 
@@ -95,7 +80,7 @@ def index_factory(dim: int, spec: str, metric: str = "ip"):
     metric : "ip" | "l2" | "cosine"
 
     IVF indexes come back untrained (call ``train``). Unknown strings raise ValueError listing
-    the accepted forms; PQ forms raise ValueError while pyknn has no IVFPQIndex.
+    the accepted forms.
     """
     import pyknn
     dim, metric = check_dim(dim), check_metric(metric)
@@ -110,26 +95,26 @@ def index_factory(dim: int, spec: str, metric: str = "ip"):
         base = pyknn.HNSWIndex(dim, M=check_positive_int(p["M"], "M", minimum=2, maximum=4096),
                                metric=metric)
     else:
-        ivfpq, refine = _pq_classes(s)
         if dim % p["pq_m"]:
             raise ValueError(f"index spec {spec!r}: dim {dim} is not divisible by pq_m {p['pq_m']}")
-        kwargs = {"nlist": p["nlist"], "pq_m": p["pq_m"], "nbits": p["nbits"], "metric": metric}
-        if p["fast_scan"]:
-            accepted = inspect.signature(ivfpq).parameters
-            if "fast_scan" not in accepted:
-                raise ValueError(f"index spec {spec!r}: this pyknn.IVFPQIndex has no fast_scan option")
-            kwargs["fast_scan"] = True
-        base = ivfpq(dim, **kwargs)
-        return refine(base) if s.refine else base
+        if p["fast_scan"] and p["nbits"] != 4:
+            raise ValueError(f"index spec {spec!r}: fast scan ('fs') is the 4-bit code layout; "
+                             f"use PQ{p['pq_m']}x4fs, or drop 'fs' for {p['nbits']}-bit codes")
+        # 4-bit codes are always scanned with fast scan, so 'fs' only documents it.
+        base = pyknn.IVFPQIndex(dim, nlist=p["nlist"], pq_m=p["pq_m"], nbits=p["nbits"], metric=metric)
+        return pyknn.RefineIndex(base) if s.refine else base
     if s.refine:
         raise ValueError(f"index spec {spec!r}: Refine applies to compressed (PQ) indexes only; "
                          f"{spec.rsplit(',', 1)[0]!r} already stores full vectors")
     return base
 
 
-# Bytes per entry of the id map (csrc/index/index.cc IdMap::memory_usage): 32 per hash node
-# plus one 8-byte bucket pointer, with buckets between n and 2n after growth (1.5n assumed).
-_IDMAP_PER_ID = 32 + 8 * 1.5
+# The id map (csrc/index/index.h IdMap): open addressing, 16-byte slots, sized n + n/3 + 1 when
+# n ids arrive in one call (later growth is by 1.5x, so incremental adds can hold up to 1.5x this).
+def _idmap_bytes(n: int) -> int:
+    return 16 * (n + n // 3 + 1)
+
+
 # HNSW: striped spin locks, one byte each (csrc/index/hnsw.h kStripes).
 _HNSW_STRIPES = 1 << 16
 
@@ -138,15 +123,15 @@ def estimate_memory(n: int, dim: int, spec: str, metric: str = "ip") -> int:
     """Bytes an index built from ``spec`` holds after one ``add`` of n vectors.
 
     The same accounting as ``index.memory_usage()`` (vectors, codes, graph links, ids, id map).
-    Exact for Flat and IVF-Flat apart from the id map's bucket count (1.5 n assumed, within
-    +-0.5 n x 8 bytes); for HNSW the upper levels use their expected size (levels drawn with
-    P(level >= l) = M^-l, so n / (M - 1) upper-level link lists of M + 1 entries).
+    Exact for Flat and IVF-Flat; for HNSW the upper levels use their expected size (levels drawn
+    with P(level >= l) = M^-l, so n / (M - 1) upper-level link lists of M + 1 entries); for
+    4-bit IVF-PQ the last, partly filled block of 32 codes of each list is taken as half full.
     """
     n = check_positive_int(n, "n", minimum=0)
     dim, metric = check_dim(dim), check_metric(metric)
     s = parse_spec(spec)
     p = s.params
-    ids = n * (8 + _IDMAP_PER_ID)
+    ids = n * 8 + _idmap_bytes(n)
     if s.kind == "flat":
         return int(n * dim * 4 + ids)
     if s.kind == "ivf_flat":
@@ -161,9 +146,24 @@ def estimate_memory(n: int, dim: int, spec: str, metric: str = "ip") -> int:
                + (4 if metric == "ip" else 0))  # squared norm (ip graph)
         upper = n / (M - 1) * (M + 1) * 4
         return int(n * per + upper + ids + _HNSW_STRIPES)
-    ivfpq, refine = _pq_classes(s)
-    est = getattr(ivfpq, "estimate_memory", None)
-    if est is None:
-        raise ValueError(f"pyknn.IVFPQIndex has no estimate_memory; cannot estimate {spec!r}")
-    total = est(n, dim, nlist=p["nlist"], pq_m=p["pq_m"], nbits=p["nbits"])
-    return int(total + (n * dim * 4 if s.refine else 0))
+    return _ivfpq_memory(n, dim, p, s.refine, metric) + (_idmap_bytes(n) + n * 8 if s.refine else 0)
+
+
+def _ivfpq_memory(n, dim, p, refine, metric):
+    # csrc/index/ivf_pq.cc IVFPQIndex::bytes_used: coarse centroids, sub-quantizer centroids and
+    # their norms, the L2 residual table (nlist x pq_m x 2^nbits floats), per list its codes and
+    # ids, and the id map. ",Refine" wraps the index in a RefineIndex: a FlatIndex of float32
+    # vectors with its own ids and id map.
+    nlist, pq_m, nbits = p["nlist"], p["pq_m"], p["nbits"]
+    ksub = 1 << nbits
+    if nbits == 4:
+        # Blocks of 32 codes of pq_m / 2 bytes each; the last block of a list is partly filled.
+        codes = (n + 16 * min(nlist, n)) * pq_m // 2
+    else:
+        codes = n * pq_m * nbits // 8
+    floats = nlist * dim + dim * ksub + pq_m * ksub
+    if metric == "l2":
+        floats += nlist * pq_m * ksub
+    lists = nlist * 4 * 24                      # four std::vectors per list
+    total = floats * 4 + lists + codes + n * 8 + _idmap_bytes(n)
+    return int(total + (n * dim * 4 if refine else 0))

@@ -11,7 +11,7 @@ from ._guard import Guarded, new_metadata
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
-__all__ = ["FlatIndex", "IVFFlatIndex", "HNSWIndex", "load"]
+__all__ = ["FlatIndex", "IVFFlatIndex", "PQIndex", "IVFPQIndex", "HNSWIndex", "RefineIndex", "load"]
 
 
 class _Index(Guarded):
@@ -412,7 +412,363 @@ class HNSWIndex(_Index):
                 f"metric={self.metric!r}, ef_search={self.ef_search}, ntotal={len(self)})")
 
 
-_KINDS = {1: FlatIndex, 2: IVFFlatIndex, 3: HNSWIndex}
+_RERANK_DTYPES = {None: 0, "float32": 1, "float16": 2}
+_RERANK_NAMES = {v: k for k, v in _RERANK_DTYPES.items()}
+
+
+def _check_rerank_dtype(rerank_dtype):
+    if isinstance(rerank_dtype, type) or isinstance(rerank_dtype, np.dtype):
+        rerank_dtype = np.dtype(rerank_dtype).name
+    if rerank_dtype not in _RERANK_DTYPES:
+        raise ValueError(f"rerank_dtype must be 'float32', 'float16' or None, got {rerank_dtype!r}")
+    return _RERANK_DTYPES[rerank_dtype]
+
+
+class _PQIndexBase(_Index):
+    """What PQIndex and IVFPQIndex share: codes, re-ranking, reconstruction."""
+
+    @property
+    def pq_m(self) -> int:
+        """Number of sub-quantizers (bytes per code for nbits=8)."""
+        return self._core.pq_m
+
+    @property
+    def nbits(self) -> int:
+        """Bits per sub-quantizer code: 8, or 4 (fast scan)."""
+        return self._core.nbits
+
+    @property
+    def code_size(self) -> int:
+        """Bytes of one vector's code: pq_m * nbits / 8."""
+        return self._core.code_size
+
+    @property
+    def rerank_dtype(self):
+        """Precision of the stored full vectors used by re-ranking: "float32", "float16" or None."""
+        return _RERANK_NAMES[self._core.rerank_storage]
+
+    @property
+    def is_trained(self) -> bool:
+        """Whether :meth:`train` has run."""
+        return self._core.is_trained
+
+    @property
+    def rerank(self) -> int:
+        """Default re-rank depth of :meth:`search` (0: none; saved with the metadata)."""
+        return self._metadata.get("rerank", 0)
+
+    @rerank.setter
+    def rerank(self, value):
+        value = check_positive_int(value, "rerank", minimum=0, maximum=1 << 30)
+        if value and self.rerank_dtype is None:
+            raise ValueError(f"rerank={value} needs the full vectors, but this index stores "
+                             "none: create it with rerank_dtype='float32' or 'float16'")
+        self._metadata["rerank"] = value
+
+    @property
+    def pq_centroids(self):
+        """The product quantizer's centroids, float32 (pq_m, 2**nbits, dim / pq_m)."""
+        return self._core.pq_centroids()
+
+    def _search(self, q, k, nprobe, rerank, filter):
+        q = as_matrix(q, self.dim, "queries")
+        k = check_k(k, q.shape[0])
+        rerank = self.rerank if rerank is None else check_positive_int(
+            rerank, "rerank", minimum=0, maximum=1 << 30)
+        fids, fmask = as_filter(filter, len(self))
+        return self._core.search(q, k, nprobe, rerank, fids, fmask)
+
+    def get(self, ids):
+        """The stored full vectors of ``ids`` (needs ``rerank_dtype``; float16 ones converted).
+
+        Without stored vectors this raises ValueError: use :meth:`reconstruct`.
+        """
+        return super().get(ids)
+
+    def reconstruct(self, ids):
+        """The decoded approximations of ``ids`` (what the ADC scores are exact distances to):
+        (n, dim) float32 for a sequence, (dim,) for one id. KeyError for unknown ids."""
+        if is_scalar_id(ids):
+            return self._core.reconstruct(as_ids(ids))[0]
+        return self._core.reconstruct(as_ids(ids))
+
+    def codes(self, ids):
+        """The codes of ``ids``: uint8 (n, code_size) in :class:`pyknn.ProductQuantizer` layout."""
+        return self._core.codes(as_ids(ids))
+
+    def _train_args(self, x, pq_n_iter, seed):
+        x = as_matrix(x, self.dim, "training vectors")
+        pq_n_iter = check_positive_int(pq_n_iter, "pq_n_iter", maximum=(1 << 31) - 1)
+        seed = check_positive_int(seed, "seed", minimum=0, maximum=(1 << 64) - 1)
+        return x, pq_n_iter, seed
+
+
+_PQ_SEARCH_DOC = """
+        Parameters
+        ----------
+        q : array-like, shape (nq, dim) or (dim,)
+        k : int >= 1
+        rerank : int >= 0, optional
+            Re-ranking depth R (default: :attr:`rerank`). 0: the distances are the ADC
+            approximations. R > 0: the best max(k, R) codes by ADC are re-scored exactly against
+            the stored full vectors (needs ``rerank_dtype``; ValueError otherwise).
+        filter : array-like, optional
+            Allow-list of ids, or a boolean mask over stored vectors in the order of :attr:`ids`.
+
+        Returns (distances, ids): float32 and int64 (nq, k), best first: ip/cosine similarity
+        descending, or l2 squared distance ascending; missing results padded with id -1 and
+        -inf (ip, cosine) or +inf (l2).
+"""
+
+
+class IVFPQIndex(_PQIndexBase):
+    """Inverted file with product-quantized codes (IVFADC): compact approximate search.
+
+    Parameters
+    ----------
+    dim : int
+        Number of dimensions of the vectors.
+    nlist : int
+        Number of k-means cells of the coarse quantizer. About sqrt(n) to 4 sqrt(n).
+    pq_m : int
+        Number of sub-quantizers (M); must divide dim. A code takes pq_m * nbits / 8 bytes.
+    nbits : 8 | 4
+        Bits per sub-quantizer. 8: 256 centroids per sub-space, float lookup tables. 4: 16
+        centroids, "fast scan": codes interleaved in blocks of 32 vectors, tables quantised to
+        8 bits and looked up with byte shuffles (pq_m must be even); the best 2 * max(k, rerank)
+        by the quantised scores are re-scored with the float tables.
+    metric : "ip" | "l2" | "cosine"
+        As for :class:`FlatIndex` (cosine normalises vectors and queries).
+    by_residual : bool
+        Encode x - c(x), the residual to the vector's cell centroid (more accurate, as FAISS
+        does by default), or x itself.
+    rerank_dtype : "float32" | "float16" | None
+        Also keep the full vectors (4 or 2 bytes per dimension) so that searches can re-rank
+        exactly (``rerank=R``); None keeps codes only.
+    nprobe : int
+        Default number of cells a search scans; clamped to nlist.
+    rerank : int
+        Default re-ranking depth of :meth:`search` (0: none).
+
+    Memory: pq_m * nbits / 8 bytes of code plus an 8-byte id per vector (plus dim * 4 or 2
+    bytes with re-rank vectors), the centroids, and for l2 with residuals a table of
+    nlist * pq_m * 2**nbits floats. Call :meth:`train` before :meth:`add` and :meth:`search`.
+    """
+
+    def __init__(self, dim: int, nlist: int = 1024, pq_m: int = None, nbits: int = 8,
+                 metric: str = "ip", by_residual: bool = True, rerank_dtype=None,
+                 nprobe: int = 8, rerank: int = 0):
+        if pq_m is None:
+            raise TypeError("IVFPQIndex needs pq_m, the number of sub-quantizers (a divisor of dim)")
+        dim = check_dim(dim)
+        nlist = check_positive_int(nlist, "nlist", maximum=1 << 22)
+        pq_m = check_positive_int(pq_m, "pq_m", maximum=4096)
+        nbits = check_positive_int(nbits, "nbits", maximum=64)
+        nprobe = check_positive_int(nprobe, "nprobe")
+        self._init_core(_core.IVFPQIndex(dim, check_metric(metric), nlist, pq_m, nbits,
+                                         bool(by_residual), _check_rerank_dtype(rerank_dtype),
+                                         nprobe, False))
+        self.rerank = rerank
+
+    @property
+    def nlist(self) -> int:
+        """Number of cells."""
+        return self._core.nlist
+
+    @property
+    def by_residual(self) -> bool:
+        """Whether codes encode the residual to the cell centroid."""
+        return self._core.by_residual
+
+    @property
+    def nprobe(self) -> int:
+        """Default number of cells scanned by :meth:`search` (saved with the index)."""
+        return self._core.nprobe
+
+    @nprobe.setter
+    def nprobe(self, value):
+        self._core.nprobe = check_positive_int(value, "nprobe")
+
+    def train(self, x, n_iter: int = 10, pq_n_iter: int = 25, seed: int = 0,
+              init: str = "random"):
+        """Learn the cells (k-means, n_iter iterations), then the product quantizer on the
+        residuals (one k-means per sub-space, pq_n_iter iterations); returns self.
+
+        x needs at least max(nlist, 2**nbits) rows. Training sets beyond 256 points per centroid
+        are subsampled (seeded). Only allowed while the index holds no vectors.
+        """
+        x, pq_n_iter, seed = self._train_args(x, pq_n_iter, seed)
+        n_iter = check_positive_int(n_iter, "n_iter", maximum=(1 << 31) - 1)
+        if init not in ("random", "k-means++"):
+            raise ValueError(f"init must be 'random' or 'k-means++', got {init!r}")
+        self._core.train(x, n_iter, pq_n_iter, seed, init == "k-means++")
+        return self
+
+    def search(self, q, k: int = 10, nprobe=None, rerank=None, filter=None):
+        nprobe = self.nprobe if nprobe is None else check_positive_int(nprobe, "nprobe")
+        return self._search(q, k, nprobe, rerank, filter)
+
+    search.__doc__ = ("Find the k nearest vectors of each query among the nprobe nearest cells."
+                      "\n" + _PQ_SEARCH_DOC.replace(
+                          "        k : int >= 1\n",
+                          "        k : int >= 1\n        nprobe : int, optional\n"
+                          "            Cells to scan (default: :attr:`nprobe`); clamped to nlist.\n"))
+
+    @property
+    def centroids(self):
+        """The cells' centroids, float32 (nlist, dim); empty before training."""
+        return self._core.centroids()
+
+    def list_sizes(self):
+        """Number of vectors in each cell (int64 array of nlist)."""
+        return self._core.list_sizes()
+
+    def __repr__(self):
+        return (f"IVFPQIndex(dim={self.dim}, nlist={self.nlist}, pq_m={self.pq_m}, "
+                f"nbits={self.nbits}, metric={self.metric!r}, nprobe={self.nprobe}, "
+                f"rerank_dtype={self.rerank_dtype!r}, ntotal={len(self)}, "
+                f"trained={self.is_trained})")
+
+
+class PQIndex(_PQIndexBase):
+    """Product-quantized codes without a coarse quantizer: every search scans all codes by ADC.
+
+    The same engine as :class:`IVFPQIndex` with a single cell whose centroid is zero (so codes
+    encode the vectors themselves). Parameters as there: dim, pq_m, nbits (8, or 4 for fast
+    scan), metric, rerank_dtype, rerank.
+    """
+
+    def __init__(self, dim: int, pq_m: int, nbits: int = 8, metric: str = "ip",
+                 rerank_dtype=None, rerank: int = 0):
+        dim = check_dim(dim)
+        pq_m = check_positive_int(pq_m, "pq_m", maximum=4096)
+        nbits = check_positive_int(nbits, "nbits", maximum=64)
+        self._init_core(_core.IVFPQIndex(dim, check_metric(metric), 1, pq_m, nbits, False,
+                                         _check_rerank_dtype(rerank_dtype), 1, True))
+        self.rerank = rerank
+
+    def train(self, x, pq_n_iter: int = 25, seed: int = 0):
+        """Learn the product quantizer (one k-means per sub-space) on x (>= 2**nbits rows)."""
+        x, pq_n_iter, seed = self._train_args(x, pq_n_iter, seed)
+        self._core.train(x, 1, pq_n_iter, seed, False)
+        return self
+
+    def search(self, q, k: int = 10, rerank=None, filter=None):
+        return self._search(q, k, 1, rerank, filter)
+
+    search.__doc__ = "Find the k nearest vectors of each query by scanning every code.\n" + \
+        _PQ_SEARCH_DOC
+
+    def __repr__(self):
+        return (f"PQIndex(dim={self.dim}, pq_m={self.pq_m}, nbits={self.nbits}, "
+                f"metric={self.metric!r}, rerank_dtype={self.rerank_dtype!r}, "
+                f"ntotal={len(self)}, trained={self.is_trained})")
+
+
+class RefineIndex:
+    """Exact re-ranking over any index: ``base`` proposes a shortlist, full vectors decide.
+
+    Parameters
+    ----------
+    base : index
+        Any pyknn index (trained if it needs training). The wrapper adds every vector to it and
+        to its own float32 store (a :class:`FlatIndex`), with the same ids.
+    k_factor : int >= 1
+        Default shortlist size per query: k_factor * k candidates are asked of ``base``.
+
+    ``search(q, k, rerank=None, **base_search_args)`` asks ``base`` for max(k, rerank) (default
+    k_factor * k) candidates, then re-scores them against the stored vectors in C++ (the gather
+    and the exact distances, no Python loop). Like FAISS's IndexRefineFlat. It pickles (both
+    parts); :meth:`save` is not available, pickle it instead.
+    """
+
+    def __init__(self, base, k_factor: int = 4):
+        if not isinstance(base, _Index):
+            raise TypeError(f"base must be a pyknn index, got {type(base).__name__}")
+        self.base = base
+        self.k_factor = check_positive_int(k_factor, "k_factor", maximum=1 << 20)
+        self._store = FlatIndex(base.dim, base.metric)
+        if len(base):
+            raise ValueError(f"the base index already holds {len(base)} vectors; wrap an empty "
+                             "index so that every vector is also stored for re-ranking")
+
+    dim = property(lambda self: self.base.dim, doc="Number of dimensions.")
+    metric = property(lambda self: self.base.metric, doc="The base index's metric.")
+
+    def __len__(self):
+        return len(self._store)
+
+    def train(self, x, **kwargs):
+        """Train the base index (arguments as its ``train``); returns self."""
+        self.base.train(x, **kwargs)
+        return self
+
+    def add(self, x, ids=None) -> None:
+        """Add vectors to the store and to the base index with the same ids."""
+        x = as_matrix(x, self.dim, "vectors")
+        if ids is not None:
+            ids = as_ids(ids, x.shape[0])
+        if self.base.__class__ is not FlatIndex and hasattr(self.base, "is_trained") \
+                and not self.base.is_trained:
+            raise RuntimeError(f"{type(self.base).__name__} is not trained: call train(x) "
+                               "before add()")
+        n_before = len(self._store)
+        self._store.add(x, ids)
+        if ids is None:
+            ids = self._store.ids[n_before:]
+        try:
+            self.base.add(x, ids)
+        except BaseException:
+            self._store.remove(ids)
+            raise
+
+    def search(self, q, k: int = 10, rerank=None, filter=None, **base_args):
+        """The k best of the base index's shortlist, by exact distance.
+
+        rerank : shortlist size (default k_factor * k; at least k). Other keyword arguments
+        (nprobe, ef_search ...) go to the base index's search. Returns (distances, ids) as
+        :meth:`FlatIndex.search`.
+        """
+        q = as_matrix(q, self.dim, "queries")
+        k = check_k(k, q.shape[0])
+        r = self.k_factor * k if rerank is None else check_positive_int(rerank, "rerank")
+        r = max(r, k)
+        if filter is not None:
+            # The base index orders its rows differently: pass the filter as ids.
+            fids, fmask = as_filter(filter, len(self))
+            filter = fids if fids is not None else self._store.ids[fmask.view(bool)]
+        _, cand = self.base.search(q, r, filter=filter, **base_args)
+        return self._store._core.rerank(q, cand, k)
+
+    def remove(self, ids, missing_ok: bool = False) -> int:
+        """Remove ids from both parts; returns how many were removed."""
+        ids = as_ids(ids)
+        self.base.remove(ids, missing_ok)
+        return self._store.remove(ids, missing_ok)
+
+    def get(self, ids):
+        """The stored full vectors (float32)."""
+        return self._store.get(ids)
+
+    def contains(self, id) -> bool:
+        return self._store.contains(id)
+
+    __contains__ = contains
+
+    @property
+    def ids(self):
+        """Stored ids in the order a boolean ``filter`` refers to."""
+        return self._store.ids
+
+    def memory_usage(self) -> int:
+        """Bytes of the base index plus the float32 store."""
+        return self.base.memory_usage() + self._store.memory_usage()
+
+    def __repr__(self):
+        return f"RefineIndex({self.base!r}, k_factor={self.k_factor})"
+
+
+_KINDS = {1: FlatIndex, 2: IVFFlatIndex, 3: HNSWIndex, 4: IVFPQIndex, 5: PQIndex}
 
 
 def _wrap(core):

@@ -47,8 +47,14 @@ def test_bench_on_the_sample(tmp_path):
     out = tmp_path / "results.json"
     r = pyknn("bench", *FAST, "--json", str(out), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    row = table_rows(r.stdout)["FlatIndex"]
+    rows = table_rows(r.stdout)
+    row = rows["FlatIndex"]
     assert row["recall@10"] == "1.000"
+    # IVF-PQ rows (8-bit and 4-bit fast scan, with and without re-ranking) with their size.
+    for name in ("IVFPQIndex nbits=8", "IVFPQIndex nbits=4", "IVFPQIndex nbits=8 +rerank",
+                 "IVFPQIndex nbits=4 +rerank"):
+        assert float(rows[name]["bytes/vec"]) > 0, name
+    assert float(rows["IVFPQIndex nbits=8"]["bytes/vec"]) < float(row["bytes/vec"]) / 4
     assert float(row["QPS (batch)"]) > 0
     assert "building FlatIndex" in r.stderr and "building" not in r.stdout
     header = r.stdout.splitlines()[0]

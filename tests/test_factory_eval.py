@@ -37,14 +37,18 @@ def test_pq_specs_parse_and_wait_for_ivfpq():
     assert s.kind == "ivf_pq" and s.refine
     assert s.params == {"nlist": 1024, "pq_m": 48, "nbits": 4, "fast_scan": True}
     assert parse_spec("IVF1024,PQ32x8").params["nbits"] == 8
-    if not hasattr(pyknn, "IVFPQIndex"):
-        with pytest.raises(ValueError, match="needs pyknn.IVFPQIndex.*available: Flat"):
-            pyknn.index_factory(384, "IVF1024,PQ32x8")
-        with pytest.raises(ValueError, match="IVFPQIndex and pyknn.RefineIndex"):
-            pyknn.index_factory(384, "IVF1024,PQ48x4fs,Refine")
+    idx = pyknn.index_factory(384, "IVF1024,PQ32x8", metric="l2")
+    assert type(idx) is pyknn.IVFPQIndex and (idx.nlist, idx.pq_m, idx.nbits) == (1024, 32, 8)
+    refined = pyknn.index_factory(384, "IVF256,PQ48x4fs,Refine")
+    assert type(refined) is pyknn.RefineIndex and refined.base.nbits == 4
+    with pytest.raises(ValueError, match="fast scan .* 4-bit"):
+        pyknn.index_factory(384, "IVF256,PQ48x8fs")
+    with pytest.raises(ValueError, match="not divisible"):
+        pyknn.index_factory(384, "IVF256,PQ50x8")
 
 
-@pytest.mark.parametrize("spec", ["Flat", "IVF32,Flat", "HNSW16", "HNSW32"])
+@pytest.mark.parametrize("spec", ["Flat", "IVF32,Flat", "HNSW16", "HNSW32", "IVF32,PQ12x8",
+                                  "IVF32,PQ12x4fs", "IVF16,PQ8x4,Refine"])
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 def test_estimate_memory_agrees_with_memory_usage(spec, metric):
     n, dim = 6000, 48

@@ -114,10 +114,23 @@ def test_bad_input_and_parameters():
         MatryoshkaIndex(16, search_dim=4, metric="l2")
 
 
-def test_ivfpq_first_stage_depends_on_ivfpq_index():
-    if hasattr(pyknn, "IVFPQIndex"):
-        m = MatryoshkaIndex(64, search_dim=32, first_stage="ivfpq", nlist=4, pq_m=8, nbits=4)
-        assert type(m.first_stage) is pyknn.IVFPQIndex
-    else:
-        with pytest.raises(ValueError, match="needs pyknn.IVFPQIndex.*available first stages: flat, hnsw"):
-            MatryoshkaIndex(64, search_dim=32, first_stage="ivfpq")
+def test_ivfpq_first_stage_on_real_vectors(sample, tmp_path):
+    """Compressed first stage: 8-bit codes of the 128-d prefix, full float16 vectors re-rank."""
+    base, q = sample
+    gt = pyknn.ground_truth(base, q, 10, "ip")[1]
+    m = MatryoshkaIndex(384, search_dim=128, first_stage="ivfpq", rerank=100,
+                        store_dtype="float16", nlist=16, pq_m=16, nbits=8, nprobe=16)
+    assert not m.is_trained
+    with pytest.raises(RuntimeError, match="train"):
+        m.add(base)
+    m.train(base)
+    m.add(base)
+    assert type(m.first_stage) is pyknn.IVFPQIndex and m.is_trained
+    recall = pyknn.recall_at_k(m.search(q, 10)[1], gt, 10)
+    codes_only = pyknn.recall_at_k(m.first_stage.search(unit(q[:, :128]), 10)[1], gt, 10)
+    # Measured 0.75 re-ranked against 0.34 from the codes alone (flat prefix: ~0.86).
+    assert recall > 0.7 and recall > codes_only + 0.3, (recall, codes_only)
+    m.save(tmp_path / "m.pyknn")
+    u = MatryoshkaIndex.load(tmp_path / "m.pyknn")
+    for a, b in zip(m.search(q[:20], 5), u.search(q[:20], 5)):
+        np.testing.assert_array_equal(a, b)

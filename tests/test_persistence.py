@@ -189,6 +189,9 @@ def test_golden_file_v1_loads():
     ("hnsw_v1", "HNSWIndex", {"M": 4, "ef_construction": 16}, False),
     ("hnsw_v2", "HNSWIndex", {"M": 4, "ef_construction": 16}, False),
     ("hnsw_v2", "HNSWIndex", {"M": 4, "ef_construction": 16}, True),
+    ("ivf_pq_v1", "IVFPQIndex", {"nlist": 2, "nprobe": 2, "pq_m": 2, "nbits": 4, "rerank": 6,
+                                 "rerank_dtype": "float32"}, False),
+    ("pq_v1", "PQIndex", {"pq_m": 2, "nbits": 4, "rerank": 6, "rerank_dtype": "float32"}, False),
 ])
 def test_golden_files_of_other_kinds_load(name, cls, extra, mmap):
     """Files of every format version and index kind keep loading, with the same answers

@@ -7,6 +7,9 @@
 
 #include "common/errors.h"
 #include "index/exact_search.h"
+#include "common/threadpool.h"
+#include "common/topk.h"
+#include "simd/dispatch.h"
 
 namespace pyknn {
 
@@ -59,6 +62,41 @@ void FlatIndex::search(const float* q, size_t nq, size_t k, const Filter& filter
       if (in.l2) distances[i] = -distances[i];
     }
   }
+}
+
+void FlatIndex::rerank(const float* q, size_t nq, const int64_t* cand, size_t r, size_t k,
+                       float* distances, int64_t* ids) const {
+  std::vector<float> unit;
+  const float* queries = prepare_queries(q, nq, unit);
+  std::shared_lock<std::shared_mutex> lk(mu_);
+  const simd::Kernels& K = simd::kernels();
+  const bool l2 = metric_ == Metric::L2;
+  const float pad = l2 ? std::numeric_limits<float>::infinity()
+                       : -std::numeric_limits<float>::infinity();
+  parallel_for(nq, [&](size_t qi) {
+    const float* qv = queries + qi * dim_;
+    TopK h(distances + qi * k, ids + qi * k, k);
+    for (size_t j = 0; j < r; ++j) {
+      const int64_t id = cand[qi * r + j];
+      if (id == -1) continue;
+      const int64_t row = ids_.find(id);
+      if (row < 0) continue;
+      const float* v = data_.data() + static_cast<size_t>(row) * dim_;
+      h.push(l2 ? -K.l2sq(qv, v, dim_) : K.dot(qv, v, dim_), row);
+    }
+    h.sort_best_first();
+    for (size_t j = 0; j < k; ++j) {
+      float& d = distances[qi * k + j];
+      int64_t& i = ids[qi * k + j];
+      if (j >= h.size) {
+        d = pad;
+        i = -1;
+      } else {
+        i = row_ids_[static_cast<size_t>(i)];
+        if (l2) d = -d;
+      }
+    }
+  });
 }
 
 void FlatIndex::get(const int64_t* ids, size_t n, float* out) const {

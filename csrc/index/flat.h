@@ -17,6 +17,11 @@ class FlatIndex : public Index {
   // distances/ids: nq x k, best first; padded with -1 and -inf (ip, cosine) or +inf (l2).
   void search(const float* q, size_t nq, size_t k, const Filter& filter, float* distances,
               int64_t* ids) const;
+  // Exact re-ranking of a shortlist: for each query, the candidate ids cand[q * r ...] (-1 and
+  // ids not stored are skipped) are scored against the stored vectors and the best k written,
+  // best first, padded as search() pads. The RefineIndex step.
+  void rerank(const float* q, size_t nq, const int64_t* cand, size_t r, size_t k,
+              float* distances, int64_t* ids) const;
   // out: n x dim, the stored vectors of the given ids; KeyError for unknown ids.
   void get(const int64_t* ids, size_t n, float* out) const;
   // Returns the number removed; KeyError for unknown ids unless missing_ok.

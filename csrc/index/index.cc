@@ -12,6 +12,7 @@
 #include "index/flat.h"
 #include "index/hnsw.h"
 #include "index/ivf_flat.h"
+#include "index/ivf_pq.h"
 
 namespace pyknn {
 
@@ -329,6 +330,8 @@ std::unique_ptr<Index> read_any(Reader& r, bool mapped = false) {
     case IndexKind::Flat: idx = FlatIndex::read_body(r, h); break;
     case IndexKind::IVFFlat: idx = IVFFlatIndex::read_body(r, h); break;
     case IndexKind::HNSW: idx = HNSWIndex::read_body(r, h); break;
+    case IndexKind::IVFPQ: idx = IVFPQIndex::read_body(r, h, false); break;
+    case IndexKind::PQ: idx = IVFPQIndex::read_body(r, h, true); break;
     default:
       throw_format("unknown index kind " + std::to_string(h.kind) +
                    " (written by a newer pyknn?)");

@@ -13,7 +13,7 @@
 namespace pyknn {
 
 enum class Metric : uint32_t { IP = 0, L2 = 1, Cosine = 2 };
-enum class IndexKind : uint32_t { Flat = 1, IVFFlat = 2, HNSW = 3 };
+enum class IndexKind : uint32_t { Flat = 1, IVFFlat = 2, HNSW = 3, IVFPQ = 4, PQ = 5 };
 
 Metric parse_metric(const std::string& name);
 const char* metric_name(Metric m);

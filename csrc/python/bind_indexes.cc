@@ -4,6 +4,8 @@
 #include "index/flat.h"
 #include "index/hnsw.h"
 #include "index/ivf_flat.h"
+#include "index/ivf_pq.h"
+#include "index/pq.h"
 #include "python/common.h"
 
 namespace pyknn {
@@ -126,6 +128,17 @@ void bind_indexes(py::module_& m) {
            },
            py::arg("q"), py::arg("k"), py::arg("filter_ids") = py::none(),
            py::arg("filter_mask") = py::none());
+  flat.def("rerank",
+           [](const FlatIndex& idx, FloatArray q, IdArray cand, size_t k) {
+             size_t nq = rows_checked(q, idx.dim(), "queries");
+             if (cand.ndim() != 2 || static_cast<size_t>(cand.shape(0)) != nq)
+               throw_value("candidates: expected a 2-D array with one row per query");
+             const size_t r = static_cast<size_t>(cand.shape(1));
+             return search_into(nq, k, [&](float* D, int64_t* I) {
+               idx.rerank(q.data(), nq, cand.data(), r, k, D, I);
+             });
+           },
+           py::arg("q"), py::arg("candidates"), py::arg("k"));
   def_storage<FlatIndex>(flat);
 
   py::class_<IVFFlatIndex, Index> ivf(m, "IVFFlatIndex");
@@ -162,6 +175,142 @@ void bind_indexes(py::module_& m) {
         return out;
       });
   def_storage<IVFFlatIndex>(ivf);
+
+  using U8Array = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
+  py::class_<ProductQuantizer>(m, "ProductQuantizer")
+      .def(py::init<size_t, size_t, size_t>(), py::arg("dim"), py::arg("pq_m"), py::arg("nbits"))
+      .def_property_readonly("dim", &ProductQuantizer::dim)
+      .def_property_readonly("pq_m", &ProductQuantizer::pq_m)
+      .def_property_readonly("nbits", &ProductQuantizer::nbits)
+      .def_property_readonly("dsub", &ProductQuantizer::dsub)
+      .def_property_readonly("ksub", &ProductQuantizer::ksub)
+      .def_property_readonly("code_size", &ProductQuantizer::code_size)
+      .def_property_readonly("is_trained", &ProductQuantizer::is_trained)
+      .def("train",
+           [](ProductQuantizer& pq, FloatArray x, int n_iter, uint64_t seed) {
+             size_t n = rows_checked(x, pq.dim(), "training vectors");
+             py::gil_scoped_release nogil;
+             pq.train(x.data(), n, n_iter, seed);
+           })
+      .def("encode",
+           [](const ProductQuantizer& pq, FloatArray x) {
+             size_t n = rows_checked(x, pq.dim(), "vectors");
+             py::array_t<uint8_t> out({n, pq.code_size()});
+             uint8_t* op = out.mutable_data();
+             {
+               py::gil_scoped_release nogil;
+               check_finite(x.data(), n, pq.dim(), "vectors");
+               std::vector<uint8_t> u(n * pq.pq_m());
+               pq.encode(x.data(), n, u.data());
+               pq.pack_codes(u.data(), n, op);
+             }
+             return out;
+           })
+      .def("decode",
+           [](const ProductQuantizer& pq, U8Array codes) {
+             if (codes.ndim() != 2 || static_cast<size_t>(codes.shape(1)) != pq.code_size())
+               throw_value("codes: expected a 2-D uint8 array with code_size = " +
+                           std::to_string(pq.code_size()) + " columns");
+             size_t n = static_cast<size_t>(codes.shape(0));
+             py::array_t<float> out({n, pq.dim()});
+             float* op = out.mutable_data();
+             {
+               py::gil_scoped_release nogil;
+               std::vector<uint8_t> u(n * pq.pq_m());
+               pq.unpack_codes(codes.data(), n, u.data());
+               pq.decode(u.data(), n, op);
+             }
+             return out;
+           })
+      .def("centroids",
+           [](const ProductQuantizer& pq) {
+             const auto& c = pq.centroids();
+             py::array_t<float> out({c.empty() ? size_t(0) : pq.pq_m(), pq.ksub(), pq.dsub()});
+             std::copy(c.begin(), c.end(), out.mutable_data());
+             return out;
+           })
+      .def("set_centroids", [](ProductQuantizer& pq, FloatArray c) {
+        std::vector<float> v(c.data(), c.data() + c.size());
+        check_finite(v.data(), 1, v.size(), "centroids");
+        pq.set_centroids(std::move(v));
+      });
+
+  py::class_<IVFPQIndex, Index> ivfpq(m, "IVFPQIndex");
+  ivfpq.def(py::init([](size_t dim, const std::string& metric, size_t nlist, size_t pq_m,
+                        size_t nbits, bool by_residual, int rerank_storage, size_t nprobe,
+                        bool single_list) {
+              return std::make_unique<IVFPQIndex>(dim, parse_metric(metric), nlist, pq_m, nbits,
+                                                  by_residual,
+                                                  static_cast<RerankStorage>(rerank_storage),
+                                                  nprobe, single_list);
+            }),
+            py::arg("dim"), py::arg("metric"), py::arg("nlist"), py::arg("pq_m"), py::arg("nbits"),
+            py::arg("by_residual"), py::arg("rerank_storage"), py::arg("nprobe"),
+            py::arg("single_list"))
+      .def_property_readonly("nlist", &IVFPQIndex::nlist)
+      .def_property_readonly("pq_m", &IVFPQIndex::pq_m)
+      .def_property_readonly("nbits", &IVFPQIndex::nbits)
+      .def_property_readonly("by_residual", &IVFPQIndex::by_residual)
+      .def_property_readonly("rerank_storage",
+                             [](const IVFPQIndex& i) { return static_cast<int>(i.rerank_storage()); })
+      .def_property_readonly("code_size", &IVFPQIndex::code_size)
+      .def_property("nprobe", &IVFPQIndex::nprobe, &IVFPQIndex::set_nprobe)
+      .def_property_readonly("is_trained", &IVFPQIndex::is_trained)
+      .def("train",
+           [](IVFPQIndex& idx, FloatArray x, int n_iter, int pq_n_iter, uint64_t seed, bool pp) {
+             size_t n = rows_checked(x, idx.dim(), "training vectors");
+             py::gil_scoped_release nogil;
+             idx.train(x.data(), n, n_iter, pq_n_iter, seed, pp);
+           })
+      .def("search",
+           [](const IVFPQIndex& idx, FloatArray q, size_t k, size_t nprobe, size_t rerank,
+              py::object filter_ids, py::object filter_mask) {
+             size_t nq = rows_checked(q, idx.dim(), "queries");
+             FilterArgs f(filter_ids, filter_mask);
+             return search_into(nq, k, [&](float* D, int64_t* I) {
+               idx.search(q.data(), nq, k, nprobe, rerank, f.filter, D, I);
+             });
+           },
+           py::arg("q"), py::arg("k"), py::arg("nprobe"), py::arg("rerank"),
+           py::arg("filter_ids") = py::none(), py::arg("filter_mask") = py::none())
+      .def("reconstruct",
+           [](const IVFPQIndex& idx, IdArray ids) {
+             size_t n = static_cast<size_t>(ids.size());
+             py::array_t<float> out({n, idx.dim()});
+             float* op = out.mutable_data();
+             {
+               py::gil_scoped_release nogil;
+               idx.reconstruct(ids.data(), n, op);
+             }
+             return out;
+           })
+      .def("codes",
+           [](const IVFPQIndex& idx, IdArray ids) {
+             size_t n = static_cast<size_t>(ids.size());
+             py::array_t<uint8_t> out({n, idx.code_size()});
+             uint8_t* op = out.mutable_data();
+             {
+               py::gil_scoped_release nogil;
+               idx.codes(ids.data(), n, op);
+             }
+             return out;
+           })
+      .def("list_sizes", [](const IVFPQIndex& idx) { return to_array(idx.list_sizes()); })
+      .def("centroids",
+           [](const IVFPQIndex& idx) {
+             std::vector<float> c = idx.centroids();
+             py::array_t<float> out({c.size() / idx.dim(), idx.dim()});
+             std::copy(c.begin(), c.end(), out.mutable_data());
+             return out;
+           })
+      .def("pq_centroids", [](const IVFPQIndex& idx) {
+        std::vector<float> c = idx.pq_centroids();
+        const size_t ks = size_t(1) << idx.nbits(), ds = idx.dim() / idx.pq_m();
+        py::array_t<float> out({c.empty() ? size_t(0) : idx.pq_m(), ks, ds});
+        std::copy(c.begin(), c.end(), out.mutable_data());
+        return out;
+      });
+  def_storage<IVFPQIndex>(ivfpq);
 
   py::class_<HNSWIndex, Index> hnsw(m, "HNSWIndex");
   hnsw.def(py::init([](size_t dim, const std::string& metric, size_t M, size_t ef_construction,

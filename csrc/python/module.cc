@@ -79,6 +79,32 @@ void bind_kernel_hooks(py::module_& m) {
       std::copy(tile.begin() + i * ldo, tile.begin() + i * ldo + n, out.mutable_data() + i * n);
     return out;
   });
+  // 8-bit ADC scan: lut (M x 256), codes (n x M).
+  m.def("_kernel_pq8_scan", [](const std::string& level, FloatArray lut,
+                               py::array_t<uint8_t, py::array::c_style | py::array::forcecast> codes,
+                               float bias) {
+    const simd::Kernels& K = kernels_named(level);
+    if (codes.ndim() != 2 || static_cast<size_t>(lut.size()) != static_cast<size_t>(codes.shape(1)) * 256)
+      throw_value("pq8_scan: lut must hold 256 entries per code byte");
+    size_t n = static_cast<size_t>(codes.shape(0)), M = static_cast<size_t>(codes.shape(1));
+    py::array_t<float> out(n);
+    K.pq8_scan(lut.data(), codes.data(), n, M, bias, out.mutable_data());
+    return out;
+  });
+  // 4-bit fast scan: blocks (nblocks x M*16 bytes in the interleaved layout), lut (M x 16 uint8).
+  m.def("_kernel_pq4_scan", [](const std::string& level,
+                               py::array_t<uint8_t, py::array::c_style | py::array::forcecast> blocks,
+                               py::array_t<uint8_t, py::array::c_style | py::array::forcecast> lut) {
+    const simd::Kernels& K = kernels_named(level);
+    size_t M = static_cast<size_t>(lut.size()) / 16;
+    if (M == 0 || M % 2 || static_cast<size_t>(lut.size()) != M * 16 ||
+        static_cast<size_t>(blocks.size()) % (M * 16))
+      throw_value("pq4_scan: lut must be M x 16 with M even, blocks a multiple of M * 16 bytes");
+    size_t nb = static_cast<size_t>(blocks.size()) / (M * 16);
+    py::array_t<uint16_t> out(nb * 32);
+    K.pq4_scan(blocks.data(), nb, M, lut.data(), out.mutable_data());
+    return out;
+  });
   m.def("_kernel_max", [](const std::string& level, FloatArray s) {
     return kernels_named(level).max(s.data(), static_cast<size_t>(s.size()));
   });

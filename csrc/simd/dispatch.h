@@ -34,6 +34,16 @@ struct Kernels {
   size_t (*select_ge)(const float* s, size_t n, float thr, uint32_t* idx);
   // The largest of s[0..n) (-inf when n == 0); s must not hold NaN.
   float (*max)(const float* s, size_t n);
+  // Product-quantizer scans (appended; see index/ivf_pq.h).
+  // 8-bit ADC: out[i] = bias + sum_m lut[m * 256 + codes[i * M + m]], codes n x M.
+  void (*pq8_scan)(const float* lut, const uint8_t* codes, size_t n, size_t M, float bias,
+                   float* out);
+  // 4-bit fast scan over nblocks blocks of 32 vectors (M even). A block holds M groups of 16
+  // bytes; byte j of group m is code(v_j, m) | code(v_{j+16}, m) << 4. lut: M x 16 uint8 (the
+  // quantised tables); out[32 b + j] = sum_m lut[16 m + code(v_j, m)] in uint16 (the caller keeps
+  // M * max(lut) < 65536).
+  void (*pq4_scan)(const uint8_t* codes, size_t nblocks, size_t M, const uint8_t* lut,
+                   uint16_t* out);
 };
 
 inline size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }

@@ -9,6 +9,9 @@
 // those would be emitted with this level's instructions as COMDAT symbols, and the linker could
 // hand the AVX-512 copy to baseline code on a CPU without AVX-512.
 #include "simd/dispatch.h"
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 namespace pyknn {
 namespace simd {
@@ -239,8 +242,131 @@ float max_of(const float* s, size_t n) {
   return mx;
 }
 
+// Four codes at a time: the 4 x M table look-ups are independent, so loads overlap.
+void pq8_scan(const float* lut, const uint8_t* codes, size_t n, size_t M, float bias, float* out) {
+  size_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const uint8_t* c0 = codes + i * M;
+    const uint8_t* c1 = c0 + M;
+    const uint8_t* c2 = c1 + M;
+    const uint8_t* c3 = c2 + M;
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+    for (size_t m = 0; m < M; ++m) {
+      const float* t = lut + m * 256;
+      s0 += t[c0[m]];
+      s1 += t[c1[m]];
+      s2 += t[c2[m]];
+      s3 += t[c3[m]];
+    }
+    out[i] = bias + s0;
+    out[i + 1] = bias + s1;
+    out[i + 2] = bias + s2;
+    out[i + 3] = bias + s3;
+  }
+  for (; i < n; ++i) {
+    const uint8_t* c = codes + i * M;
+    float s = 0.f;
+    for (size_t m = 0; m < M; ++m) s += lut[m * 256 + c[m]];
+    out[i] = bias + s;
+  }
+}
+
+// The 4-bit look-ups are byte shuffles (pshufb): 16 table entries in each 128-bit lane, indexed
+// by the 16 nibbles of that lane. Sums are kept in uint16 lanes: `acc` adds whole shuffled
+// 16-bit words (even vector + 256 * odd vector, modulo 2^16) and `odd` the odd vectors alone, so
+// the even sums are acc - 256 * odd at the end.
+#if defined(__AVX512BW__)
+void pq4_scan(const uint8_t* codes, size_t nblocks, size_t M, const uint8_t* lut, uint16_t* out) {
+  const __m512i low4 = _mm512_set1_epi8(0x0f);
+  for (size_t b = 0; b < nblocks; ++b) {
+    const uint8_t* cb = codes + b * M * 16;
+    __m512i acc_lo = _mm512_setzero_si512(), odd_lo = acc_lo, acc_hi = acc_lo, odd_hi = acc_lo;
+    size_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+      const __m512i c = _mm512_loadu_si512(cb + m * 16);
+      const __m512i t = _mm512_loadu_si512(lut + m * 16);
+      const __m512i rlo = _mm512_shuffle_epi8(t, _mm512_and_si512(c, low4));
+      const __m512i rhi = _mm512_shuffle_epi8(t, _mm512_and_si512(_mm512_srli_epi16(c, 4), low4));
+      acc_lo = _mm512_add_epi16(acc_lo, rlo);
+      odd_lo = _mm512_add_epi16(odd_lo, _mm512_srli_epi16(rlo, 8));
+      acc_hi = _mm512_add_epi16(acc_hi, rhi);
+      odd_hi = _mm512_add_epi16(odd_hi, _mm512_srli_epi16(rhi, 8));
+    }
+    if (m < M) {  // two sub-quantizers left: the upper half of the registers stays zero
+      const __mmask64 half = 0xffffffffull;
+      const __m512i c = _mm512_maskz_loadu_epi8(half, cb + m * 16);
+      const __m512i t = _mm512_maskz_loadu_epi8(half, lut + m * 16);
+      const __m512i rlo = _mm512_shuffle_epi8(t, _mm512_and_si512(c, low4));
+      const __m512i rhi = _mm512_shuffle_epi8(t, _mm512_and_si512(_mm512_srli_epi16(c, 4), low4));
+      acc_lo = _mm512_add_epi16(acc_lo, rlo);
+      odd_lo = _mm512_add_epi16(odd_lo, _mm512_srli_epi16(rlo, 8));
+      acc_hi = _mm512_add_epi16(acc_hi, rhi);
+      odd_hi = _mm512_add_epi16(odd_hi, _mm512_srli_epi16(rhi, 8));
+    }
+    // Fold the four 128-bit lanes (each holds the same 16 vectors for another sub-quantizer).
+    auto fold = [](__m512i v) {
+      const __m256i h = _mm256_add_epi16(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+      return _mm_add_epi16(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+    };
+    const __m128i alo = fold(acc_lo), olo = fold(odd_lo), ahi = fold(acc_hi), ohi = fold(odd_hi);
+    const __m128i elo = _mm_sub_epi16(alo, _mm_slli_epi16(olo, 8));
+    const __m128i ehi = _mm_sub_epi16(ahi, _mm_slli_epi16(ohi, 8));
+    uint16_t* o = out + b * 32;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm_unpacklo_epi16(elo, olo));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 8), _mm_unpackhi_epi16(elo, olo));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 16), _mm_unpacklo_epi16(ehi, ohi));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 24), _mm_unpackhi_epi16(ehi, ohi));
+  }
+}
+#elif defined(__AVX2__)
+void pq4_scan(const uint8_t* codes, size_t nblocks, size_t M, const uint8_t* lut, uint16_t* out) {
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  for (size_t b = 0; b < nblocks; ++b) {
+    const uint8_t* cb = codes + b * M * 16;
+    __m256i acc_lo = _mm256_setzero_si256(), odd_lo = acc_lo, acc_hi = acc_lo, odd_hi = acc_lo;
+    for (size_t m = 0; m < M; m += 2) {
+      const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cb + m * 16));
+      const __m256i t = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lut + m * 16));
+      const __m256i rlo = _mm256_shuffle_epi8(t, _mm256_and_si256(c, low4));
+      const __m256i rhi = _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(c, 4), low4));
+      acc_lo = _mm256_add_epi16(acc_lo, rlo);
+      odd_lo = _mm256_add_epi16(odd_lo, _mm256_srli_epi16(rlo, 8));
+      acc_hi = _mm256_add_epi16(acc_hi, rhi);
+      odd_hi = _mm256_add_epi16(odd_hi, _mm256_srli_epi16(rhi, 8));
+    }
+    auto fold = [](__m256i v) {
+      return _mm_add_epi16(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    };
+    const __m128i alo = fold(acc_lo), olo = fold(odd_lo), ahi = fold(acc_hi), ohi = fold(odd_hi);
+    const __m128i elo = _mm_sub_epi16(alo, _mm_slli_epi16(olo, 8));
+    const __m128i ehi = _mm_sub_epi16(ahi, _mm_slli_epi16(ohi, 8));
+    uint16_t* o = out + b * 32;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm_unpacklo_epi16(elo, olo));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 8), _mm_unpackhi_epi16(elo, olo));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 16), _mm_unpacklo_epi16(ehi, ohi));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 24), _mm_unpackhi_epi16(ehi, ohi));
+  }
+}
+#else
+void pq4_scan(const uint8_t* codes, size_t nblocks, size_t M, const uint8_t* lut, uint16_t* out) {
+  for (size_t b = 0; b < nblocks; ++b) {
+    const uint8_t* cb = codes + b * M * 16;
+    uint16_t acc[32] = {};
+    for (size_t m = 0; m < M; ++m) {
+      const uint8_t* t = lut + m * 16;
+      const uint8_t* c = cb + m * 16;
+      for (int j = 0; j < 16; ++j) {
+        acc[j] = static_cast<uint16_t>(acc[j] + t[c[j] & 15]);
+        acc[j + 16] = static_cast<uint16_t>(acc[j + 16] + t[c[j] >> 4]);
+      }
+    }
+    for (int j = 0; j < 32; ++j) out[b * 32 + j] = acc[j];
+  }
+}
+#endif
+
 const Kernels table = {PYKNN_LEVEL_NAME, MR, NR, dot, l2sq, dot_many, l2sq_many, norms_sq,
-                       pack, gemm, select_ge, max_of};
+                       pack, gemm, select_ge, max_of, pq8_scan, pq4_scan};
 
 }  // namespace
 }  // namespace PYKNN_KNS

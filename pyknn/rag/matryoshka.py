@@ -19,7 +19,7 @@ import numpy as np
 from .. import _core
 from .._guard import Guarded, inner, new_metadata
 from .._validation import as_ids, as_matrix, check_dim, check_k, check_positive_int
-from ..indexes import FlatIndex, HNSWIndex, _from_bytes
+from ..indexes import FlatIndex, HNSWIndex, IVFPQIndex, _from_bytes
 from .tiered import _atomic_write
 
 __all__ = ["MatryoshkaIndex", "FIRST_STAGES"]
@@ -31,17 +31,8 @@ _VERSION = 1
 _RERANK_BLOCK = 256
 
 
-def _ivfpq_class():
-    import pyknn
-    return getattr(pyknn, "IVFPQIndex", None)
-
-
-def _stage_names():
-    return ("flat", "hnsw") + (("ivfpq",) if _ivfpq_class() is not None else ())
-
-
-#: First stages this pyknn provides (ivfpq appears once pyknn.IVFPQIndex exists).
-FIRST_STAGES = _stage_names()
+#: First stages this pyknn provides.
+FIRST_STAGES = ("flat", "hnsw", "ivfpq")
 
 
 class MatryoshkaIndex(Guarded):
@@ -55,7 +46,7 @@ class MatryoshkaIndex(Guarded):
         Components of the prefix the first stage indexes (re-normalised to unit length).
     first_stage : "hnsw" | "flat" | "ivfpq"
         Index over the prefixes: HNSWIndex (graph), FlatIndex (exact over the prefixes), or
-        IVFPQIndex (compressed codes; needs :meth:`train`; only where pyknn.IVFPQIndex exists).
+        IVFPQIndex (compressed codes; needs :meth:`train`).
     rerank : int >= 1
         Shortlist size re-scored with the full vectors (max(rerank, k) is used).
     store_dtype : "float32" | "float16"
@@ -104,12 +95,8 @@ class MatryoshkaIndex(Guarded):
         if kind == "hnsw":
             return HNSWIndex(search_dim, metric="ip", **params)
         if kind == "ivfpq":
-            cls = _ivfpq_class()
-            if cls is not None:
-                return cls(search_dim, metric="ip", **params)
-            raise ValueError("first_stage 'ivfpq' needs pyknn.IVFPQIndex, which this pyknn does "
-                             f"not have; available first stages: {', '.join(_stage_names())}")
-        raise ValueError(f"unknown first_stage {kind!r}; available: {', '.join(_stage_names())}")
+            return IVFPQIndex(search_dim, metric="ip", **params)
+        raise ValueError(f"unknown first_stage {kind!r}; available: {', '.join(FIRST_STAGES)}")
 
     # -- properties ----------------------------------------------------------------------
     @property

@@ -133,9 +133,8 @@ def test_interrupted_persist_keeps_the_old_file(tmp_path, monkeypatch):
 def test_process_killed_after_commit_reopens_consistent(tmp_path):
     """A real crash: the child commits documents, persists some, then dies without closing."""
     child = textwrap.dedent(f"""
-        import os, sys, zlib
+        import os, zlib
         import numpy as np
-        sys.path.insert(0, {str(tmp_path)!r})
         from pyknn.embed import CallableEmbedder
         from pyknn.rag import Collection
         def vec(texts):
@@ -148,7 +147,10 @@ def test_process_killed_after_commit_reopens_consistent(tmp_path):
         c.delete(["doc-3", "doc-4"])
         os._exit(0)   # no close(), no persist()
     """)
-    subprocess.run([sys.executable, "-c", child], check=True, timeout=120)
+    # From tmp_path: in a source checkout the working directory would shadow the installed pyknn.
+    run = subprocess.run([sys.executable, "-c", child], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
     c = Collection(tmp_path / "c", hash_embedder())
     assert c.repaired == (30, 2)
     assert len(c) == 88 and len(c.index) == 88

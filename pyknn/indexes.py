@@ -185,7 +185,41 @@ class FlatIndex(_Index):
         fids, fmask = as_filter(filter, len(self))
         return self._core.search(q, k, fids, fmask)
 
-class IVFFlatIndex(_Index):
+class _Cells:
+    """What the IVF indexes share: the cells (nlist, centroids, list sizes) and nprobe."""
+
+    @property
+    def nlist(self) -> int:
+        """Number of cells."""
+        return self._core.nlist
+
+    @property
+    def nprobe(self) -> int:
+        """Default number of cells scanned by :meth:`search` (saved with the index)."""
+        return self._core.nprobe
+
+    @nprobe.setter
+    def nprobe(self, value):
+        self._core.nprobe = check_positive_int(value, "nprobe")
+
+    @property
+    def centroids(self):
+        """The cells' centroids, float32 (nlist, dim); empty before training."""
+        return self._core.centroids()
+
+    def list_sizes(self):
+        """Number of vectors in each cell (int64 array of nlist)."""
+        return self._core.list_sizes()
+
+    @staticmethod
+    def _coarse_args(n_iter, init):
+        n_iter = check_positive_int(n_iter, "n_iter", maximum=(1 << 31) - 1)
+        if init not in ("random", "k-means++"):
+            raise ValueError(f"init must be 'random' or 'k-means++', got {init!r}")
+        return n_iter, init == "k-means++"
+
+
+class IVFFlatIndex(_Cells, _Index):
     """Inverted-file index: k-means cells, full-precision vectors, search over the nearest cells.
 
     Parameters
@@ -210,20 +244,6 @@ class IVFFlatIndex(_Index):
         self._init_core(_core.IVFFlatIndex(check_dim(dim), check_metric(metric), nlist, nprobe))
 
     @property
-    def nlist(self) -> int:
-        """Number of cells."""
-        return self._core.nlist
-
-    @property
-    def nprobe(self) -> int:
-        """Default number of cells scanned by :meth:`search`."""
-        return self._core.nprobe
-
-    @nprobe.setter
-    def nprobe(self, value):
-        self._core.nprobe = check_positive_int(value, "nprobe")
-
-    @property
     def is_trained(self) -> bool:
         """Whether :meth:`train` has run."""
         return self._core.is_trained
@@ -246,11 +266,9 @@ class IVFFlatIndex(_Index):
         subsampled (seeded), as FAISS does.
         """
         x = as_matrix(x, self.dim, "training vectors")
-        n_iter = check_positive_int(n_iter, "n_iter", maximum=(1 << 31) - 1)
+        n_iter, plus_plus = self._coarse_args(n_iter, init)
         seed = check_positive_int(seed, "seed", minimum=0, maximum=(1 << 64) - 1)
-        if init not in ("random", "k-means++"):
-            raise ValueError(f"init must be 'random' or 'k-means++', got {init!r}")
-        self._core.train(x, n_iter, seed, init == "k-means++")
+        self._core.train(x, n_iter, seed, plus_plus)
         return self
 
     def search(self, q, k: int = 10, nprobe=None, filter=None):
@@ -272,15 +290,6 @@ class IVFFlatIndex(_Index):
         nprobe = self.nprobe if nprobe is None else check_positive_int(nprobe, "nprobe")
         fids, fmask = as_filter(filter, len(self))
         return self._core.search(q, k, nprobe, fids, fmask)
-
-    @property
-    def centroids(self):
-        """The cells' centroids, float32 (nlist, dim); empty before training."""
-        return self._core.centroids()
-
-    def list_sizes(self):
-        """Number of vectors in each cell (int64 array of nlist)."""
-        return self._core.list_sizes()
 
     def __repr__(self):
         return (f"IVFFlatIndex(dim={self.dim}, nlist={self.nlist}, metric={self.metric!r}, "
@@ -521,7 +530,7 @@ _PQ_SEARCH_DOC = """
 """
 
 
-class IVFPQIndex(_PQIndexBase):
+class IVFPQIndex(_Cells, _PQIndexBase):
     """Inverted file with product-quantized codes (IVFADC): compact approximate search.
 
     Parameters
@@ -571,23 +580,9 @@ class IVFPQIndex(_PQIndexBase):
         self.rerank = rerank
 
     @property
-    def nlist(self) -> int:
-        """Number of cells."""
-        return self._core.nlist
-
-    @property
     def by_residual(self) -> bool:
         """Whether codes encode the residual to the cell centroid."""
         return self._core.by_residual
-
-    @property
-    def nprobe(self) -> int:
-        """Default number of cells scanned by :meth:`search` (saved with the index)."""
-        return self._core.nprobe
-
-    @nprobe.setter
-    def nprobe(self, value):
-        self._core.nprobe = check_positive_int(value, "nprobe")
 
     def train(self, x, n_iter: int = 10, pq_n_iter: int = 25, seed: int = 0,
               init: str = "random"):
@@ -598,10 +593,8 @@ class IVFPQIndex(_PQIndexBase):
         are subsampled (seeded). Only allowed while the index holds no vectors.
         """
         x, pq_n_iter, seed = self._train_args(x, pq_n_iter, seed)
-        n_iter = check_positive_int(n_iter, "n_iter", maximum=(1 << 31) - 1)
-        if init not in ("random", "k-means++"):
-            raise ValueError(f"init must be 'random' or 'k-means++', got {init!r}")
-        self._core.train(x, n_iter, pq_n_iter, seed, init == "k-means++")
+        n_iter, plus_plus = self._coarse_args(n_iter, init)
+        self._core.train(x, n_iter, pq_n_iter, seed, plus_plus)
         return self
 
     def search(self, q, k: int = 10, nprobe=None, rerank=None, filter=None):
@@ -613,15 +606,6 @@ class IVFPQIndex(_PQIndexBase):
                           "        k : int >= 1\n",
                           "        k : int >= 1\n        nprobe : int, optional\n"
                           "            Cells to scan (default: :attr:`nprobe`); clamped to nlist.\n"))
-
-    @property
-    def centroids(self):
-        """The cells' centroids, float32 (nlist, dim); empty before training."""
-        return self._core.centroids()
-
-    def list_sizes(self):
-        """Number of vectors in each cell (int64 array of nlist)."""
-        return self._core.list_sizes()
 
     def __repr__(self):
         return (f"IVFPQIndex(dim={self.dim}, nlist={self.nlist}, pq_m={self.pq_m}, "

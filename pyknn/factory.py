@@ -138,7 +138,7 @@ def estimate_memory(n: int, dim: int, spec: str, metric: str = "ip") -> int:
         # Centroids, the list headers (two std::vectors, 48 bytes), vectors and ids per list.
         return int(p["nlist"] * (dim * 4 + 48) + n * dim * 4 + ids)
     if s.kind == "hnsw":
-        M = p["M"]
+        M = check_positive_int(p["M"], "M", minimum=2, maximum=4096)
         per = (dim * 4              # vector
                + (1 + 2 * M) * 4    # level-0 links: count + 2M
                + 8 + 1 + 1          # upper-level pointer, level, state

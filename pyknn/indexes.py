@@ -788,4 +788,6 @@ def load(path, mmap: bool = False):
     Raises FileNotFoundError / OSError for unreadable paths and :class:`pyknn.FormatError` for
     truncated, corrupted, foreign or unsupported-version files.
     """
+    if not isinstance(mmap, (bool, np.bool_)):
+        raise TypeError(f"mmap must be True or False, got {mmap!r}")
     return _wrap(_core.load(os.fspath(path), bool(mmap)))

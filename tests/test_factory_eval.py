@@ -69,6 +69,8 @@ def test_estimate_memory_errors():
         pyknn.estimate_memory(10, 8, "Fast")
     with pytest.raises(ValueError, match="n must be at least 0"):
         pyknn.estimate_memory(-1, 8, "Flat")
+    with pytest.raises(ValueError, match="M must be at least 2"):
+        pyknn.estimate_memory(10, 8, "HNSW1")
 
 
 def test_evaluate_on_the_sample():

@@ -437,6 +437,8 @@ def test_mmap_refuses_other_kinds_and_corruption(tmp_path):
         pyknn.load(tmp_path / "short.pyknn", mmap=True)
     with pytest.raises(FileNotFoundError):
         pyknn.load(tmp_path / "missing.pyknn", mmap=True)
+    with pytest.raises(TypeError, match="mmap must be True or False"):
+        pyknn.load(tmp_path / "h.pyknn", mmap="no")
     with pytest.raises(IsADirectoryError):
         pyknn.load(tmp_path, mmap=True)
 

@@ -175,3 +175,15 @@ def test_collection_with_minilm_on_real_text(tmp_path, minilm, sample_texts):
     other = CallableEmbedder(hash_vectors, "hash@1", 32)
     with pytest.raises(pyknn.ModelMismatchError, match="all-MiniLM-L6-v2"):
         Collection(tmp_path / "wn", other)
+
+
+def test_non_finite_metadata_is_rejected_and_writes_nothing(tmp_path):
+    c = Collection(tmp_path / "c", hash_embedder(), index_spec="Flat")
+    c.add_texts(TEXTS[:3], metadata=[{"lang": "en"}] * 3)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match=r"metadata\[1\].*NaN or Infinity"):
+            c.add_texts(TEXTS[3:5], metadata=[{"v": 1.0}, {"nested": {"v": bad}}])
+    assert len(c) == 3 and len(c.index) == 3
+    # Filtered searches still work (no malformed JSON stored).
+    assert len(c.search(TEXTS[0], k=3, where={"lang": "en"})) == 3
+    c.close()

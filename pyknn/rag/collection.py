@@ -200,13 +200,19 @@ class Collection:
         metadata = [None] * n if metadata is None else list(metadata)
         if len(metadata) != n:
             raise ValueError(f"got {len(metadata)} metadata entries for {n} texts")
-        try:
-            meta_json = [json.dumps(m if m is not None else {}) for m in metadata]
-        except TypeError as e:
-            raise TypeError(f"metadata must be JSON-serialisable: {e}") from None
+        meta_json = []
         for i, m in enumerate(metadata):
             if m is not None and not isinstance(m, dict):
                 raise TypeError(f"metadata[{i}] must be a dict, got {type(m).__name__}")
+            try:
+                # allow_nan=False: NaN / Infinity are not JSON; SQLite's json functions would
+                # reject the stored text and every later filtered search would fail.
+                meta_json.append(json.dumps(m if m is not None else {}, allow_nan=False))
+            except TypeError as e:
+                raise TypeError(f"metadata[{i}] must be JSON-serialisable: {e}") from None
+            except ValueError:
+                raise ValueError(f"metadata[{i}] holds NaN or Infinity, which JSON cannot "
+                                 "store; use None or a finite number") from None
         if n == 0:
             return []
         vecs = self.embedder.encode_documents(texts)  # before any write: may be slow or fail

@@ -9,7 +9,7 @@ import pytest
 
 import pyknn
 from pyknn.embed import CallableEmbedder
-from pyknn.rag import Collection, Hit
+from pyknn.rag import Collection, CollectionLockedError, Hit
 
 
 def hash_vectors(texts, dim=32):
@@ -125,6 +125,7 @@ def test_interrupted_persist_keeps_the_old_file(tmp_path, monkeypatch):
         c.persist()
     monkeypatch.undo()
     assert sorted(p.name for p in (tmp_path / "c").iterdir() if p.name.startswith(".")) == []
+    c._release()  # as if the process died here: no persist, the folder's lock is dropped
     d = Collection(tmp_path / "c", hash_embedder())  # the old file + SQLite: repaired
     assert d.repaired == (10, 0) and len(d) == 20 and len(d.index) == 20
     assert d.search(TEXTS[15], k=1)[0].id == "doc-16"
@@ -187,3 +188,49 @@ def test_non_finite_metadata_is_rejected_and_writes_nothing(tmp_path):
     # Filtered searches still work (no malformed JSON stored).
     assert len(c.search(TEXTS[0], k=3, where={"lang": "en"})) == 3
     c.close()
+
+
+def test_second_open_instance_is_refused(tmp_path):
+    c1 = Collection(tmp_path / "c", hash_embedder(), index_spec="Flat")
+    c1.add_texts(["apples and oranges"], ids=["x"])
+    with pytest.raises(CollectionLockedError, match="already open"):
+        Collection(tmp_path / "c", hash_embedder())
+    c1.add_texts(["trains and planes"], ids=["y"])
+    c1.close()
+    c2 = Collection(tmp_path / "c", hash_embedder())  # the lock went with close()
+    assert len(c2) == 2 and len(c2.index) == 2 and c2.repaired == (0, 0)
+    # A refused open (here: another model) does not keep the folder locked either.
+    with pytest.raises(CollectionLockedError):
+        Collection(tmp_path / "c", hash_embedder("hash@2"))
+    c2.close()
+    with pytest.raises(pyknn.ModelMismatchError):
+        Collection(tmp_path / "c", hash_embedder("hash@2"))
+    Collection(tmp_path / "c", hash_embedder()).close()
+
+
+def test_open_in_another_process_is_refused_until_it_exits(tmp_path):
+    child = textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        from pyknn.embed import CallableEmbedder
+        from pyknn.rag import Collection
+        c = Collection({str(tmp_path / "c")!r},
+                       CallableEmbedder(lambda t: np.ones((len(t), 32)), "hash@1", 32))
+        print("open", flush=True)
+        sys.stdin.readline()   # hold the collection open until told to go
+        import os; os._exit(0)  # die without close(): the OS drops the lock
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], cwd=tmp_path, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == "open\n", proc.stderr.read()
+        with pytest.raises(CollectionLockedError, match="already open"):
+            Collection(tmp_path / "c", hash_embedder())
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    Collection(tmp_path / "c", hash_embedder()).close()

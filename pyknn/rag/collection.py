@@ -11,6 +11,12 @@ that last wrote it. Opening a collection repairs the index from SQLite: document
 the saved generation are embedded again, index entries without a document are removed. So a
 crash at any point (during an add, between the SQLite commit and ``persist()``, or while the
 index file is written) leaves a store that reopens consistent, losing nothing committed.
+
+One Collection object at a time may have a folder open: it holds an exclusive lock on
+``lock`` in the folder (``fcntl.flock``) until :meth:`Collection.close`, and the operating
+system drops it when the process dies. A second open, in this process or another, raises
+:class:`CollectionLockedError` instead of letting two instances overwrite each other's index.
+(Where ``fcntl`` is missing, e.g. on Windows, no lock is taken.)
 """
 from __future__ import annotations
 
@@ -29,7 +35,12 @@ from .._guard import ModelMismatchError
 from ..factory import index_factory
 from .tiered import TieredIndex
 
-__all__ = ["Collection", "Hit"]
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+__all__ = ["Collection", "CollectionLockedError", "Hit"]
 
 _SCHEMA_VERSION = 1
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -82,6 +93,15 @@ class Collection:
         self.path.mkdir(parents=True, exist_ok=True)
         self.embedder = embedder
         self._lock = threading.RLock()
+        self._db = None
+        self._lock_file = _lock_folder(self.path)  # raises if another instance has it open
+        try:
+            self._open(embedder, index_spec, metric, merge_threshold)
+        except BaseException:
+            self._release()
+            raise
+
+    def _open(self, embedder, index_spec, metric, merge_threshold):
         self._db = sqlite3.connect(self.path / "docs.sqlite", check_same_thread=False,
                                    isolation_level=None)  # transactions are explicit
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -98,12 +118,10 @@ class Collection:
         meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
         if meta:
             if meta["model_id"] != embedder.model_id:
-                self._db.close()
                 raise ModelMismatchError(
                     f"collection {str(self.path)!r} holds vectors of embedding model "
                     f"{meta['model_id']!r}; it was opened with {embedder.model_id!r}")
             if int(meta["dim"]) != embedder.dim:
-                self._db.close()
                 raise ValueError(f"collection {str(self.path)!r} has dim {meta['dim']}, the "
                                  f"embedder gives {embedder.dim}")
             self.index_spec, self.metric = meta["index_spec"], meta["metric"]
@@ -265,10 +283,20 @@ class Collection:
         with self._lock:
             if self._db is None:
                 return
-            self._index.wait_merge()
-            self.persist()
+            try:
+                self._index.wait_merge()
+                self.persist()
+            finally:
+                self._release()
+
+    def _release(self):
+        """Close the database and give up the folder's lock (no persist)."""
+        if self._db is not None:
             self._db.close()
             self._db = None
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing the descriptor drops the flock
+            self._lock_file = None
 
     def __enter__(self):
         return self
@@ -334,6 +362,25 @@ class Collection:
                     hits.append(Hit(i, score, t, json.loads(m)))
             out.append(hits)
         return out[0] if single else out
+
+
+class CollectionLockedError(RuntimeError):
+    """The collection folder is open in another Collection object (this process or another)."""
+
+
+def _lock_folder(path: Path):
+    """Open ``path/lock`` and take an exclusive, non-blocking flock on it; returns the file."""
+    f = open(path / "lock", "a+b")
+    if fcntl is None:  # pragma: no cover - no advisory locks on this platform
+        return f
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise CollectionLockedError(
+            f"collection {str(path)!r} is already open (in this process or another); close "
+            "it first: two open instances would overwrite each other's index") from None
+    return f
 
 
 def _select_in(db, sql, values):

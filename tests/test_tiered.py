@@ -477,3 +477,27 @@ def test_contains_get_and_wait_merge_types():
         main.release.set()
     th.join(60)
     assert t.wait_merge() is True and len(main) == 5
+
+
+def test_corrupted_tiered_files_raise_format_error():
+    x = unit(np.random.default_rng(8).standard_normal((60, 16)))
+    t = TieredIndex(pyknn.HNSWIndex(16), auto_merge=None)
+    t.add(x[:40])
+    t.merge()
+    t.add(x[40:])
+    t.remove([3, 45])
+    data = t.to_bytes()
+    u = TieredIndex.from_bytes(data)
+    assert len(u) == 58 and u.fresh_size == 19
+    header_end = data.index(b"}") + 1
+    step = max(1, len(data) // 97)
+    for i in list(range(header_end)) + list(range(header_end, len(data), step)):
+        bad = bytearray(data)
+        bad[i] ^= 0x01  # also turns digits of the header's counts into other digits
+        with pytest.raises(pyknn.FormatError):
+            TieredIndex.from_bytes(bytes(bad))
+    for cut in (0, 5, 12, 30, len(data) // 3, len(data) // 2, len(data) - 33, len(data) - 1):
+        with pytest.raises(pyknn.FormatError):
+            TieredIndex.from_bytes(data[:cut])
+    with pytest.raises(pyknn.FormatError):
+        TieredIndex.from_bytes(data + b"x")

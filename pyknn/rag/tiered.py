@@ -28,6 +28,7 @@ Searches share a reader/writer lock, so many run in parallel; add / remove hold 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -45,7 +46,9 @@ from ..indexes import FlatIndex, _from_bytes
 __all__ = ["TieredIndex"]
 
 _MAGIC = b"PYKNNTIERED\x00"
-_VERSION = 1
+# Version 2 ends with a SHA-256 digest of everything before it; version 1 files still load.
+_VERSION = 2
+_DIGEST = 32
 # Vectors copied into main per call during a merge: small enough that an IVF / flat main,
 # which locks out its searches while adding, is never locked for long.
 _MERGE_CHUNK = 4096
@@ -528,8 +531,9 @@ class TieredIndex(Guarded):
                                  "count": self._count}).encode()
             main = self._main.to_bytes()
             fresh = self._fresh.to_bytes()
-        return b"".join([_MAGIC, struct.pack("<IQ", _VERSION, len(header)), header,
+        body = b"".join([_MAGIC, struct.pack("<IQ", _VERSION, len(header)), header,
                          struct.pack("<Q", len(main)), main, struct.pack("<Q", len(fresh)), fresh])
+        return body + hashlib.sha256(body).digest()
 
     def save(self, path) -> None:
         """Write both tiers to one file, atomically (temporary file, fsync, rename).
@@ -556,25 +560,39 @@ class TieredIndex(Guarded):
             return out
 
         version, hlen = struct.unpack("<IQ", take(12))
-        if version != _VERSION:
+        if version not in (1, _VERSION):
             raise _core.FormatError(f"tiered index format version {version} is not supported "
-                                    f"(supported: {_VERSION})")
+                                    f"(supported: 1, {_VERSION})")
+        if version >= 2:
+            if len(data) - pos < _DIGEST:
+                raise _core.FormatError("truncated tiered index file: no checksum")
+            if hashlib.sha256(data[:-_DIGEST]).digest() != bytes(data[-_DIGEST:]):
+                raise _core.FormatError("corrupted tiered index file: checksum mismatch")
+            data = data[:-_DIGEST]
         try:
             header = json.loads(bytes(take(hlen)))
-        except ValueError:
+            merge_threshold, auto_merge = header["merge_threshold"], header["auto_merge"]
+            count, next_id = int(header["count"]), int(header["next_id"])
+        except (ValueError, KeyError, TypeError):
             raise _core.FormatError("corrupted tiered index file: bad header") from None
         main = _from_bytes(take(struct.unpack("<Q", take(8))[0]))
         fresh = _from_bytes(take(struct.unpack("<Q", take(8))[0]))
         if pos != len(data):
             raise _core.FormatError(f"corrupted tiered index file: {len(data) - pos} trailing bytes")
-        obj = cls(main, merge_threshold=header["merge_threshold"], auto_merge=header["auto_merge"])
+        try:
+            if count != len(main) + len(fresh) or np.isin(fresh.ids, main.ids).any():
+                raise ValueError(f"the header counts {count} vectors, the tiers hold "
+                                 f"{len(main)} + {len(fresh)}")
+            obj = cls(main, merge_threshold=merge_threshold, auto_merge=auto_merge)
+        except (ValueError, TypeError) as e:
+            raise _core.FormatError(f"corrupted tiered index file: {e}") from None
         with inner():
             if len(fresh):
                 fids = fresh.ids
                 obj._fresh.add(fresh.get(fids), fids)
         obj._fresh.metadata["model_id"] = main.metadata.get("model_id")
-        obj._count = int(header["count"])
-        obj._next_id = int(header["next_id"])
+        obj._count = count
+        obj._next_id = max(next_id, obj._next_id, int(fresh.ids.max()) + 1 if len(fresh) else 0)
         return obj
 
     @classmethod

@@ -2,6 +2,7 @@
 the OpenAI client against a local server that serves the same model; CallableEmbedder."""
 import importlib.util
 import os
+import re
 
 import numpy as np
 import pytest
@@ -35,7 +36,7 @@ class Recorder:
 def test_callable_embedder_normalises_batches_and_prefixes():
     rec = Recorder()
     e = CallableEmbedder(rec, "toy@1", 6, prefixes="e5", batch_size=2)
-    assert isinstance(e, Embedder) and e.model_id == "toy@1" and e.dim == 6
+    assert isinstance(e, Embedder) and e.model_id == "toy@1+prefix=e5" and e.dim == 6
     v = e.encode_documents(["a", "bb", "ccc"])
     assert v.dtype == np.float32 and v.shape == (3, 6)
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1, atol=1e-6)
@@ -113,7 +114,7 @@ def test_minilm_truncate_and_batches(minilm):
     full = minilm.encode_documents(texts)
     t = SentenceTransformerEmbedder(minilm.model, name="mini", revision="r1", truncate_dim=64,
                                     batch_size=2)
-    assert (t.model_id, t.dim) == ("mini@r1", 64)
+    assert (t.model_id, t.dim) == ("mini@r1+dim=64", 64)
     v = t.encode_documents(texts)
     expect = full[:, :64] / np.linalg.norm(full[:, :64], axis=1, keepdims=True)
     np.testing.assert_allclose(v, expect, atol=2e-5)
@@ -189,3 +190,53 @@ def test_openai_needs_a_key(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(ValueError, match="OPENAI_API_KEY"):
         OpenAIEmbedder("text-embedding-3-small")
+
+
+def test_model_id_names_prefixes_and_truncation():
+    rec = Recorder()
+    ids = {
+        "plain": CallableEmbedder(rec, "t@1", 6).model_id,
+        "none": CallableEmbedder(rec, "t@1", 6, prefixes="none").model_id,
+        "e5": CallableEmbedder(rec, "t@1", 6, prefixes="e5").model_id,
+        "e5 pair": CallableEmbedder(rec, "t@1", 6, prefixes=PREFIXES["e5"]).model_id,
+        "bge": CallableEmbedder(rec, "t@1", 6, prefixes="bge").model_id,
+        "custom": CallableEmbedder(rec, "t@1", 6, prefixes=("Q> ", "D> ")).model_id,
+        "custom2": CallableEmbedder(rec, "t@1", 6, prefixes=("Q> ", "")).model_id,
+        "dim": CallableEmbedder(rec, "t@1", 6, truncate_dim=4).model_id,
+        "e5 dim": CallableEmbedder(rec, "t@1", 6, prefixes="e5", truncate_dim=np.int64(4)).model_id,
+    }
+    assert ids["plain"] == ids["none"] == "t@1"
+    assert ids["e5"] == ids["e5 pair"] == "t@1+prefix=e5"
+    assert ids["bge"] == "t@1+prefix=bge"
+    assert re.fullmatch(r"t@1\+prefix=custom:[0-9a-f]{12}", ids["custom"])
+    assert ids["custom"] != ids["custom2"]
+    assert ids["dim"] == "t@1+dim=4" and ids["e5 dim"] == "t@1+prefix=e5+dim=4"
+    # The guard therefore refuses vectors of another prefix setup.
+    idx = pyknn.FlatIndex(6)
+    e5 = CallableEmbedder(rec, "t@1", 6, prefixes="e5")
+    idx.add_texts(["a"], e5)
+    with pytest.raises(pyknn.ModelMismatchError):
+        idx.add_texts(["b"], CallableEmbedder(rec, "t@1", 6))
+    assert CallableEmbedder(rec, "t@1", np.int64(6)).dim == 6
+
+
+@model
+def test_model_objects_get_a_weights_revision(minilm):
+    import copy
+    import torch
+    a = SentenceTransformerEmbedder(minilm.model)
+    b = SentenceTransformerEmbedder(minilm.model)
+    assert a.model_id == b.model_id and re.search(r"@sha256:[0-9a-f]{12}$", a.model_id)
+    tuned = copy.deepcopy(minilm.model)
+    with torch.no_grad():
+        next(tuned.parameters())[0, 0] += 1
+    assert SentenceTransformerEmbedder(tuned).model_id != a.model_id
+    assert SentenceTransformerEmbedder(minilm.model, revision="r9").model_id.endswith("@r9")
+
+    class NoWeights:
+        def get_sentence_embedding_dimension(self):
+            return 4
+
+    with pytest.raises(ValueError, match="revision="):
+        SentenceTransformerEmbedder(NoWeights())
+    assert SentenceTransformerEmbedder(NoWeights(), name="x", revision="1").model_id == "x@1"

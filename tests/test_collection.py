@@ -234,3 +234,18 @@ def test_open_in_another_process_is_refused_until_it_exits(tmp_path):
             proc.kill()
             proc.wait()
     Collection(tmp_path / "c", hash_embedder()).close()
+
+
+def test_default_ids_are_never_reused(tmp_path):
+    c = Collection(tmp_path / "c", hash_embedder(), index_spec="Flat")
+    assert c.add_texts(TEXTS[:3]) == ["doc-1", "doc-2", "doc-3"]
+    c.delete(["doc-3"])
+    assert c.add_texts(TEXTS[3:4]) == ["doc-4"]
+    c.delete(["doc-4", "doc-2"])
+    c.close()
+    c = Collection(tmp_path / "c", hash_embedder())
+    assert c.add_texts(TEXTS[4:5]) == ["doc-5"]
+    assert c.add_texts(TEXTS[5:6], ids=["mine"]) == ["mine"]
+    assert c.add_texts(TEXTS[6:7]) == ["doc-7"]
+    assert c.search(TEXTS[4], k=1)[0].id == "doc-5" and len(c) == 4
+    c.close()

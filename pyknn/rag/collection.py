@@ -235,16 +235,19 @@ class Collection:
             return []
         vecs = self.embedder.encode_documents(texts)  # before any write: may be slow or fail
         with self._lock, self._transaction() as db:
+            # Row numbers (and default ids "doc-<row>") come from a counter that only grows,
+            # kept in the meta table: a deleted document's row and id are never handed out
+            # again. It changes in this transaction, so a failed add does not advance it.
+            next_row = _next_row(db)
             if ids is None:
-                start = db.execute("SELECT COALESCE(MAX(row), 0) + 1 FROM docs").fetchone()[0]
-                rows = list(range(start, start + n))
-                ids = [f"doc-{r}" for r in rows]
+                ids = [f"doc-{r}" for r in range(next_row, next_row + n)]
                 clash = _select_in(db, "SELECT id FROM docs WHERE id IN ({})", ids)
                 if clash:
                     raise ValueError(f"default id {clash[0][0]!r} is taken; pass ids explicitly")
             existing = dict(_select_in(db, "SELECT id, row FROM docs WHERE id IN ({})", ids))
             new = [i for i in ids if i not in existing]
-            next_row = db.execute("SELECT COALESCE(MAX(row), 0) + 1 FROM docs").fetchone()[0]
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('next_row', ?)",
+                       (str(next_row + len(new)),))
             row_of = dict(existing)
             row_of.update({i: next_row + j for j, i in enumerate(new)})
             rows = np.array([row_of[i] for i in ids], np.int64)
@@ -381,6 +384,14 @@ def _lock_folder(path: Path):
             f"collection {str(path)!r} is already open (in this process or another); close "
             "it first: two open instances would overwrite each other's index") from None
     return f
+
+
+def _next_row(db) -> int:
+    """The next unused row number: the stored counter (collections made before it existed
+    start from the largest row)."""
+    r = db.execute("SELECT value FROM meta WHERE key = 'next_row'").fetchone()
+    largest = db.execute("SELECT COALESCE(MAX(row), 0) + 1 FROM docs").fetchone()[0]
+    return max(int(r[0]), largest) if r else largest
 
 
 def _select_in(db, sql, values):

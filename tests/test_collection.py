@@ -249,3 +249,46 @@ def test_default_ids_are_never_reused(tmp_path):
     assert c.add_texts(TEXTS[6:7]) == ["doc-7"]
     assert c.search(TEXTS[4], k=1)[0].id == "doc-5" and len(c) == 4
     c.close()
+
+
+def test_argument_checks_and_closed_collection(tmp_path):
+    for metric in ("l2", "manhattan"):
+        with pytest.raises(ValueError, match="metric"):
+            Collection(tmp_path / metric, hash_embedder(), metric=metric)
+        assert not (tmp_path / metric).exists()  # nothing created
+    c = Collection(tmp_path / "c", hash_embedder(), index_spec="Flat")
+    c.add_texts(TEXTS[:3], ids=["a", 7, np.int64(8)],
+                metadata=[{"y": 2020}, {"y": 2021}, {"y": 2022}])
+    assert "7" in c and "8" in c
+    for bad in ([None], [1.5], [True], [b"x"]):
+        with pytest.raises(TypeError, match="document id"):
+            c.add_texts(TEXTS[3:4], ids=bad)
+    with pytest.raises(TypeError, match="list of document ids"):
+        c.delete(5)
+    assert c.delete([7]) == 1
+    assert [h.id for h in c.search(TEXTS[2], where={"y": np.int64(2022)})] == ["8"]
+    assert [h.id for h in c.search(TEXTS[2], where={"y": {"$gte": np.float32(2021.5)}})] == ["8"]
+    with pytest.raises(TypeError, match="where must be a dict"):
+        c.search("x", where=[])
+    assert len(c.search(TEXTS[0], where={})) == 2
+    assert len(c) == 2
+    c.close()
+    c.close()  # twice is fine
+    for call in (lambda: len(c), lambda: "a" in c, lambda: c.get("a"), lambda: c.search("x"),
+                 lambda: c.add_texts(["q"]), lambda: c.delete(["a"]), c.persist):
+        with pytest.raises(ValueError, match="is closed"):
+            call()
+
+
+def test_foreign_index_file_does_not_leak_the_database(tmp_path):
+    with Collection(tmp_path / "c", hash_embedder(), index_spec="Flat") as c:
+        c.add_texts(TEXTS[:3])
+    with Collection(tmp_path / "d", hash_embedder("other@1"), index_spec="Flat") as d:
+        d.add_texts(TEXTS[:3])
+    (tmp_path / "c" / "vectors.pyknn").write_bytes((tmp_path / "d" / "vectors.pyknn").read_bytes())
+    with pytest.raises(pyknn.ModelMismatchError):
+        Collection(tmp_path / "c", hash_embedder())
+    # The refused open released its lock and database: the folder opens (and can be fixed).
+    (tmp_path / "c" / "vectors.pyknn").unlink()
+    with Collection(tmp_path / "c", hash_embedder()) as c:
+        assert len(c) == 3 and c.repaired == (3, 0)

@@ -89,6 +89,10 @@ class Collection:
         for attr in ("model_id", "dim", "encode_queries", "encode_documents"):
             if not hasattr(embedder, attr):
                 raise TypeError(f"embedder must provide {attr} (see pyknn.embed.Embedder)")
+        if metric not in ("ip", "cosine"):
+            raise ValueError(f"metric must be 'ip' or 'cosine' (embedders return unit vectors), "
+                             f"got {metric!r}")
+        index_factory(embedder.dim, index_spec, metric)  # validate before creating anything
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.embedder = embedder
@@ -126,7 +130,6 @@ class Collection:
                                  f"embedder gives {embedder.dim}")
             self.index_spec, self.metric = meta["index_spec"], meta["metric"]
         else:
-            index_factory(embedder.dim, index_spec, metric)  # validate before writing anything
             self.index_spec, self.metric = index_spec, metric
             with self._transaction():
                 self._db.executemany("INSERT INTO meta VALUES (?, ?)", [
@@ -210,7 +213,7 @@ class Collection:
         texts = list(texts)
         n = len(texts)
         if ids is not None:
-            ids = [str(i) for i in ids]
+            ids = _doc_ids(ids, "ids")
             if len(ids) != n:
                 raise ValueError(f"got {len(ids)} ids for {n} texts")
             if len(set(ids)) != n:
@@ -231,10 +234,12 @@ class Collection:
             except ValueError:
                 raise ValueError(f"metadata[{i}] holds NaN or Infinity, which JSON cannot "
                                  "store; use None or a finite number") from None
+        self._check_open()
         if n == 0:
             return []
         vecs = self.embedder.encode_documents(texts)  # before any write: may be slow or fail
         with self._lock, self._transaction() as db:
+            self._check_open()
             # Row numbers (and default ids "doc-<row>") come from a counter that only grows,
             # kept in the meta table: a deleted document's row and id are never handed out
             # again. It changes in this transaction, so a failed add does not advance it.
@@ -263,7 +268,8 @@ class Collection:
     def delete(self, ids: Sequence[str], missing_ok: bool = False) -> int:
         """Delete documents by id; returns how many were deleted (KeyError naming an unknown
         id unless ``missing_ok``; nothing is deleted then)."""
-        ids = [str(i) for i in ([ids] if isinstance(ids, str) else ids)]
+        ids = _doc_ids([ids] if isinstance(ids, str) else ids, "ids")
+        self._check_open()
         with self._lock, self._transaction() as db:
             found = dict(_select_in(db, "SELECT id, row FROM docs WHERE id IN ({})", ids))
             missing = [i for i in ids if i not in found]
@@ -277,6 +283,7 @@ class Collection:
     def persist(self) -> None:
         """Write the vector index atomically (temporary file, fsync, rename)."""
         with self._lock:
+            self._check_open()
             self._index.metadata["collection_generation"] = self._gen
             self._index.save(self.path / "vectors.pyknn")
             self._gen += 1
@@ -309,14 +316,21 @@ class Collection:
         return False
 
     # -- reads ---------------------------------------------------------------------------
+    def _check_open(self):
+        if self._db is None:
+            raise ValueError(f"collection {str(self.path)!r} is closed")
+
     def __len__(self) -> int:
+        self._check_open()
         return self._db.execute("SELECT COUNT(*) FROM docs").fetchone()[0]
 
     def __contains__(self, id) -> bool:
+        self._check_open()
         return self._db.execute("SELECT 1 FROM docs WHERE id = ?", (str(id),)).fetchone() is not None
 
     def get(self, id: str) -> Hit:
         """The stored document ``id`` (score NaN); KeyError if unknown."""
+        self._check_open()
         r = self._db.execute("SELECT text, metadata FROM docs WHERE id = ?", (str(id),)).fetchone()
         if r is None:
             raise KeyError(f"document {id!r} is not in the collection")
@@ -342,9 +356,11 @@ class Collection:
         single = isinstance(query, str)
         queries = [query] if single else list(query)
         with self._lock:
-            allow = None
-            if where:
+            self._check_open()
+            allow = sql = None
+            if where is not None:
                 sql, args = _where_sql(where)
+            if sql:
                 allow = np.array([r for (r,) in self._db.execute(
                     f"SELECT row FROM docs WHERE {sql}", args)], np.int64)
             if allow is not None and allow.size == 0:
@@ -408,7 +424,27 @@ def _exec_in(db, sql, values):
         db.execute(sql.format(",".join("?" * len(part))), part)
 
 
+def _doc_ids(ids, what):
+    """Document ids as strings: each must be a str or an integer (numpy ones included)."""
+    if isinstance(ids, (bytes, dict)) or not hasattr(ids, "__iter__"):
+        raise TypeError(f"{what} must be a list of document ids (str), got {type(ids).__name__}")
+    out = []
+    for i in ids:
+        if isinstance(i, str):
+            out.append(i)
+        elif isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_)):
+            out.append(str(int(i)))
+        else:
+            raise TypeError(f"{what}: a document id must be a str (or an int), got "
+                            f"{type(i).__name__} {i!r}")
+    return out
+
+
 def _json_value(v, key):
+    if isinstance(v, np.generic):  # numpy scalars: their Python value
+        v = v.item()
+    if isinstance(v, float) and not np.isfinite(v):
+        raise ValueError(f"where[{key!r}]: NaN and Infinity never match stored metadata")
     if isinstance(v, bool) or v is None or isinstance(v, (int, float, str)):
         return v
     raise TypeError(f"where[{key!r}]: filter values must be str, int, float, bool or None, "

@@ -240,3 +240,52 @@ def test_model_objects_get_a_weights_revision(minilm):
     with pytest.raises(ValueError, match="revision="):
         SentenceTransformerEmbedder(NoWeights())
     assert SentenceTransformerEmbedder(NoWeights(), name="x", revision="1").model_id == "x@1"
+
+
+def test_callable_embedder_extreme_values_and_option_types():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning from overflow
+        v = CallableEmbedder(lambda t: np.full((len(t), 4), 1e30), "m@1", 4).encode_documents(["a"])
+        np.testing.assert_allclose(v, 0.5, atol=1e-6)
+        v = CallableEmbedder(lambda t: np.full((len(t), 4), 1e300), "m@1", 4).encode_documents(["a"])
+        np.testing.assert_allclose(v, 0.5, atol=1e-6)
+        with pytest.raises(ValueError, match="not finite"):
+            CallableEmbedder(lambda t: np.full((len(t), 4), np.inf), "m@1", 4).encode_documents(["a"])
+        with pytest.raises(ValueError, match="zero"):
+            CallableEmbedder(lambda t: np.zeros((len(t), 4)), "m@1", 4).encode_documents(["a"])
+    with pytest.raises(TypeError, match="progress"):
+        CallableEmbedder(lambda t: t, "m@1", 4, progress="no")
+
+
+@needs_openai
+def test_openai_argument_types():
+    with pytest.raises(TypeError, match="max_retries"):
+        OpenAIEmbedder(api_key="x", max_retries="3")
+    with pytest.raises(TypeError, match="max_retries"):
+        OpenAIEmbedder(api_key="x", max_retries=2.5)
+    with pytest.raises(TypeError, match="backoff"):
+        OpenAIEmbedder(api_key="x", backoff="1")
+
+
+@needs_openai
+@pytest.mark.parametrize("indices", [[0, 0], [1, 2], [0, 1, 2]])
+def test_openai_rejects_bad_response_indices(indices):
+    from types import SimpleNamespace as NS
+
+    class Client:
+        class embeddings:
+            @staticmethod
+            def create(model, input, **kw):
+                return NS(data=[NS(index=i, embedding=[1.0, 0.0]) for i in indices])
+
+    e = OpenAIEmbedder("m", client=Client(), dim=2)
+    with pytest.raises(ValueError, match="returned"):
+        e.encode_documents(["a", "b"])
+
+
+@model
+def test_load_minilm_prints_no_progress_bar(capfd):
+    from pyknn.embed import load_minilm
+    load_minilm()
+    assert "Loading weights" not in capfd.readouterr().err

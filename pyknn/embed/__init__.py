@@ -158,7 +158,9 @@ class BaseEmbedder:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.batch_size = batch_size
-        self.progress = progress
+        if progress is not None and not isinstance(progress, (bool, np.bool_)):
+            raise TypeError(f"progress must be True, False or None, got {progress!r}")
+        self.progress = None if progress is None else bool(progress)
         self._truncate_dim = None
         if truncate_dim is not None:
             if (isinstance(truncate_dim, bool) or not isinstance(truncate_dim, (int, np.integer))
@@ -219,19 +221,22 @@ class BaseEmbedder:
 
     def _finish(self, e, n: int, offset: int) -> np.ndarray:
         """Check a batch's raw embeddings, truncate, L2-normalise."""
-        e = np.asarray(e, dtype=np.float32)
+        e = np.asarray(e, dtype=np.float64)
         if e.ndim != 2 or e.shape[0] != n or e.shape[1] != self.native_dim:
             raise ValueError(f"{type(self).__name__}: the model returned shape {e.shape} for "
                              f"{n} texts, expected ({n}, {self.native_dim})")
         if self._truncate_dim is not None:
             e = e[:, :self._truncate_dim]
-        norms = np.linalg.norm(e, axis=1, keepdims=True)
-        ok = np.isfinite(norms[:, 0]) & (norms[:, 0] > 0)
+        finite = np.isfinite(e).all(axis=1)
+        # Scaled by the largest component first, so huge (finite) values cannot overflow.
+        scale = np.abs(np.where(finite[:, None], e, 0)).max(axis=1, initial=0)[:, None]
+        ok = finite & (scale[:, 0] > 0)
         if not ok.all():
             i = int(np.argmin(ok))
             raise ValueError(f"{type(self).__name__}: the embedding of text {offset + i} is "
-                             f"{'zero' if np.isfinite(norms[i, 0]) else 'not finite'}")
-        return e / norms
+                             f"{'zero' if finite[i] else 'not finite'}")
+        e = e / scale
+        return (e / np.linalg.norm(e, axis=1, keepdims=True)).astype(np.float32)
 
     def __repr__(self):
         return f"{type(self).__name__}(model_id={self.model_id!r}, dim={self.dim})"
@@ -279,6 +284,31 @@ def _weights_digest(path: Path) -> Optional[str]:
     return None
 
 
+class _quiet_loading:
+    """Hide transformers' "Loading weights" progress bar unless ``progress`` is True."""
+
+    def __init__(self, progress):
+        self.progress, self.restore = progress, False
+
+    def __enter__(self):
+        if self.progress is True:
+            return self
+        try:
+            from transformers.utils import logging as hf_logging
+        except ImportError:
+            return self
+        if hf_logging.is_progress_bar_enabled():
+            hf_logging.disable_progress_bar()
+            self.restore = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.restore:
+            from transformers.utils import logging as hf_logging
+            hf_logging.enable_progress_bar()
+        return False
+
+
 class SentenceTransformerEmbedder(BaseEmbedder):
     """A sentence-transformers model (run locally with torch).
 
@@ -319,11 +349,13 @@ class SentenceTransformerEmbedder(BaseEmbedder):
                                   "torch: pip install 'pyknn[embed]' (install a CPU torch first, "
                                   f"e.g. pip install torch==2.13.0): {e}") from None
             p = Path(model)
-            if p.is_dir():
-                local = p.resolve()
-                self._model = SentenceTransformer(str(local), device=device)
-            else:
-                self._model = SentenceTransformer(str(model), device=device, revision=revision)
+            with _quiet_loading(progress):
+                if p.is_dir():
+                    local = p.resolve()
+                    self._model = SentenceTransformer(str(local), device=device)
+                else:
+                    self._model = SentenceTransformer(str(model), device=device,
+                                                      revision=revision)
         else:
             self._model = model
             folder = getattr(model, "model_card_data", None)
@@ -429,6 +461,11 @@ class OpenAIEmbedder(BaseEmbedder):
         if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int)
                                        or dimensions < 1):
             raise ValueError(f"dimensions must be a positive int, got {dimensions!r}")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, (int, np.integer)):
+            raise TypeError(f"max_retries must be an int, got {type(max_retries).__name__}")
+        for label, v in (("backoff", backoff), ("max_backoff", max_backoff), ("timeout", timeout)):
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise TypeError(f"{label} must be a number, got {type(v).__name__}")
         if max_retries < 0 or backoff < 0 or max_backoff < 0:
             raise ValueError("max_retries, backoff and max_backoff must be >= 0")
         if client is None:
@@ -496,6 +533,10 @@ class OpenAIEmbedder(BaseEmbedder):
         if len(data) != len(texts):
             raise ValueError(f"the embeddings endpoint returned {len(data)} embeddings for "
                              f"{len(texts)} texts")
+        if [d.index for d in data] != list(range(len(texts))):
+            raise ValueError(f"the embeddings endpoint returned the indices "
+                             f"{sorted(d.index for d in data)} for {len(texts)} texts; each of "
+                             f"0..{len(texts) - 1} must appear once")
         return np.asarray([d.embedding for d in data], dtype=np.float32)
 
     def _embed(self, texts):

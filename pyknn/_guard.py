@@ -40,6 +40,14 @@ class NormWarning(UserWarning):
 _local = threading.local()
 
 
+def as_bool(value, name: str) -> bool:
+    """``value`` as a bool; TypeError for anything but True / False (numpy bools too), so that
+    strict="no" is an error rather than True."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def new_metadata(kind: str, dim: int, metric: str) -> dict:
     """The metadata every new index starts with."""
     return {
@@ -142,7 +150,7 @@ class Guarded:
 
     @strict_norms.setter
     def strict_norms(self, value: bool):
-        self._metadata["strict_norms"] = bool(value)
+        self._metadata["strict_norms"] = as_bool(value, "strict_norms")
 
     # -- text in, through an embedder ----------------------------------------------------------
     def add_texts(self, texts, embedder, ids=None, **kwargs):
@@ -205,7 +213,7 @@ def _guard_add(add):
         try:
             check_model_id(self._metadata, model_id, f"adding vectors to {type(self).__name__}")
             x = as_matrix(x, self.dim, "vectors")
-            strict = self.strict_norms if strict is None else bool(strict)
+            strict = self.strict_norms if strict is None else as_bool(strict, "strict")
             unit = check_norms(x, self.metric, strict, f"{type(self).__name__}.add")
             out = add(self, x, ids, *args, **kwargs)
             # Only after a successful add: a failed call leaves the metadata unchanged too.

@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from .._guard import ModelMismatchError
+from .._guard import ModelMismatchError, as_bool
 from ..factory import index_factory
 from .tiered import TieredIndex
 
@@ -268,6 +268,7 @@ class Collection:
     def delete(self, ids: Sequence[str], missing_ok: bool = False) -> int:
         """Delete documents by id; returns how many were deleted (KeyError naming an unknown
         id unless ``missing_ok``; nothing is deleted then)."""
+        missing_ok = as_bool(missing_ok, "missing_ok")
         ids = _doc_ids([ids] if isinstance(ids, str) else ids, "ids")
         self._check_open()
         with self._lock, self._transaction() as db:

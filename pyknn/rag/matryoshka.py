@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 
 from .. import _core
-from .._guard import Guarded, inner, new_metadata
+from .._guard import Guarded, as_bool, inner, new_metadata
 from .._validation import (as_ids, as_matrix, check_dim, check_k, check_positive_int,
                            is_scalar_id)
 from ..indexes import FlatIndex, HNSWIndex, IVFPQIndex, _from_bytes
@@ -270,6 +270,7 @@ class MatryoshkaIndex(Guarded):
     def remove(self, ids, missing_ok: bool = False) -> int:
         """Remove ``ids``; returns how many were removed (KeyError for unknown ids unless
         ``missing_ok``; nothing is removed then)."""
+        missing_ok = as_bool(missing_ok, "missing_ok")
         ids = np.unique(as_ids(ids))
         with self._write_lock:
             keys = self._keys_of(self._map, ids, strict=not missing_ok)

@@ -39,7 +39,7 @@ from typing import Optional
 import numpy as np
 
 from .. import _core
-from .._guard import Guarded, inner
+from .._guard import Guarded, as_bool, inner
 from .._validation import as_ids, as_matrix, check_k, check_positive_int, is_scalar_id
 from ..indexes import FlatIndex, _from_bytes
 
@@ -259,6 +259,7 @@ class TieredIndex(Guarded):
 
         Unknown ids raise KeyError (nothing removed) unless ``missing_ok``.
         """
+        missing_ok = as_bool(missing_ok, "missing_ok")
         ids = as_ids(ids)
         if ids.size and np.unique(ids).size != ids.size:
             ids = np.unique(ids)

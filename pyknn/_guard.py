@@ -156,12 +156,23 @@ class Guarded:
     def add_texts(self, texts, embedder, ids=None, **kwargs):
         """Embed ``texts`` as documents with ``embedder`` and add them (model guard applies).
 
-        Returns the ids given (or None, for default ids). Raises ModelMismatchError, without
-        embedding anything, if the index holds vectors of another model.
+        Returns the ids of the added vectors, int64 (n,): ``ids`` as given, or the default ids
+        the index assigned. Raises ModelMismatchError, without embedding anything, if the index
+        holds vectors of another model.
         """
         check_model_id(self._metadata, embedder.model_id, "adding documents")
-        self.add(embedder.encode_documents(texts), ids, model_id=embedder.model_id, **kwargs)
-        return ids
+        vectors = embedder.encode_documents(texts)
+        if ids is not None:
+            from ._validation import as_ids
+            ids = as_ids(ids, vectors.shape[0])
+            self.add(vectors, ids, model_id=embedder.model_id, **kwargs)
+            return ids
+        # Default ids are consecutive and larger than every id stored before: the new ones are
+        # the n largest ids that were not there (other threads' concurrent adds aside).
+        before = np.asarray(self.ids)
+        self.add(vectors, None, model_id=embedder.model_id, **kwargs)
+        new = np.setdiff1d(np.asarray(self.ids), before)
+        return new[new.size - vectors.shape[0]:].astype(np.int64)
 
     def search_texts(self, queries, embedder, k: int = 10, **params):
         """Embed ``queries`` with ``embedder`` and search (model guard applies).

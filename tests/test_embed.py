@@ -289,3 +289,15 @@ def test_load_minilm_prints_no_progress_bar(capfd):
     from pyknn.embed import load_minilm
     load_minilm()
     assert "Loading weights" not in capfd.readouterr().err
+
+
+def test_add_texts_returns_the_ids_assigned():
+    from pyknn.rag import MatryoshkaIndex, TieredIndex
+    e = CallableEmbedder(Recorder(), "t@1", 6)
+    for idx in (pyknn.FlatIndex(6), pyknn.HNSWIndex(6), TieredIndex(pyknn.FlatIndex(6)),
+                MatryoshkaIndex(6, 6, first_stage="flat")):
+        got = idx.add_texts(["a", "bb", "ccc"], e)
+        assert got.dtype == np.int64 and got.tolist() == [0, 1, 2], type(idx).__name__
+        assert idx.add_texts(["dddd"], e, ids=[10]).tolist() == [10]
+        assert idx.add_texts(["e", "ff"], e).tolist() == [11, 12]
+        assert sorted(idx.ids.tolist()) == [0, 1, 2, 10, 11, 12]

@@ -40,6 +40,14 @@ class NormWarning(UserWarning):
 _local = threading.local()
 
 
+def as_bool(value, name: str) -> bool:
+    """``value`` as a bool; TypeError for anything but True / False (numpy bools too), so that
+    strict="no" is an error rather than True."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def new_metadata(kind: str, dim: int, metric: str) -> dict:
     """The metadata every new index starts with."""
     return {
@@ -142,18 +150,29 @@ class Guarded:
 
     @strict_norms.setter
     def strict_norms(self, value: bool):
-        self._metadata["strict_norms"] = bool(value)
+        self._metadata["strict_norms"] = as_bool(value, "strict_norms")
 
     # -- text in, through an embedder ----------------------------------------------------------
     def add_texts(self, texts, embedder, ids=None, **kwargs):
         """Embed ``texts`` as documents with ``embedder`` and add them (model guard applies).
 
-        Returns the ids given (or None, for default ids). Raises ModelMismatchError, without
-        embedding anything, if the index holds vectors of another model.
+        Returns the ids of the added vectors, int64 (n,): ``ids`` as given, or the default ids
+        the index assigned. Raises ModelMismatchError, without embedding anything, if the index
+        holds vectors of another model.
         """
         check_model_id(self._metadata, embedder.model_id, "adding documents")
-        self.add(embedder.encode_documents(texts), ids, model_id=embedder.model_id, **kwargs)
-        return ids
+        vectors = embedder.encode_documents(texts)
+        if ids is not None:
+            from ._validation import as_ids
+            ids = as_ids(ids, vectors.shape[0])
+            self.add(vectors, ids, model_id=embedder.model_id, **kwargs)
+            return ids
+        # Default ids are consecutive and larger than every id stored before: the new ones are
+        # the n largest ids that were not there (other threads' concurrent adds aside).
+        before = np.asarray(self.ids)
+        self.add(vectors, None, model_id=embedder.model_id, **kwargs)
+        new = np.setdiff1d(np.asarray(self.ids), before)
+        return new[new.size - vectors.shape[0]:].astype(np.int64)
 
     def search_texts(self, queries, embedder, k: int = 10, **params):
         """Embed ``queries`` with ``embedder`` and search (model guard applies).
@@ -205,7 +224,7 @@ def _guard_add(add):
         try:
             check_model_id(self._metadata, model_id, f"adding vectors to {type(self).__name__}")
             x = as_matrix(x, self.dim, "vectors")
-            strict = self.strict_norms if strict is None else bool(strict)
+            strict = self.strict_norms if strict is None else as_bool(strict, "strict")
             unit = check_norms(x, self.metric, strict, f"{type(self).__name__}.add")
             out = add(self, x, ids, *args, **kwargs)
             # Only after a successful add: a failed call leaves the metadata unchanged too.

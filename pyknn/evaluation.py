@@ -378,25 +378,31 @@ def evaluate(index, queries, gt_ids=None, qrels=None, k: int = 10, *, base=None,
         Exact nearest ids, best first (e.g. from :func:`ground_truth`). When omitted and
         ``base`` is given, computed here with :func:`ground_truth` (base row i = id i).
     qrels : array-like of int (nq,) or (nq, r), optional
-        Judged-relevant ids per query (-1 pads rows), for NDCG@10 and MRR@10.
+        Judged-relevant ids per query (-1 pads rows), for NDCG@k and MRR@k.
     k : int
-        Results per query and the cut-off of recall.
+        Results per query, and the cut-off of every metric (recall, NDCG, MRR): the keys name
+        it (``recall@k``, ``ndcg@k``, ``mrr@k``), so k=3 reports ``ndcg@3``.
     base : array-like (n, dim), optional
         The indexed vectors, only to compute ``gt_ids`` when not given.
-    repeats : int
-        Timed searches after the first; QPS is from the fastest.
+    repeats : int >= 1
+        Timed searches after a first, untimed one; QPS is from the fastest.
     **search_params
         Passed to ``index.search`` (nprobe, ef_search, rerank ...).
 
     Returns
     -------
-    dict with ``recall@k`` (None without ground truth), ``ndcg@10`` and ``mrr@10`` (None
+    dict with ``recall@k`` (None without ground truth), ``ndcg@k`` and ``mrr@k`` (None
     without qrels), ``qps`` (queries per second of one batch call), ``seconds``, ``nq``, ``k``,
     ``params`` and ``ids`` (the result ids, int64 (nq, k)).
     """
     import time
 
     k = _check_k(k)
+    if isinstance(repeats, (bool, np.bool_)) or not isinstance(repeats, (int, np.integer)):
+        raise TypeError(f"repeats must be an integer, got {type(repeats).__name__}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    repeats = int(repeats)
     q = np.asarray(queries)
     if q.ndim == 1:
         q = q.reshape(1, -1)
@@ -407,17 +413,16 @@ def evaluate(index, queries, gt_ids=None, qrels=None, k: int = 10, *, base=None,
     if qrels is not None and np.asarray(qrels).shape[0] != q.shape[0]:
         raise ValueError(f"qrels has {np.asarray(qrels).shape[0]} rows for {q.shape[0]} queries")
     best = np.inf
-    for i in range(1 + max(0, int(repeats))):
+    for i in range(1 + repeats):
         t0 = time.perf_counter()
         _, ids = index.search(q, k, **search_params)
         dt = time.perf_counter() - t0
-        if i or repeats == 0:
+        if i:
             best = min(best, dt)
-    cut = 10
     return {
         f"recall@{k}": None if gt_ids is None else recall_at_k(ids, gt_ids, k),
-        f"ndcg@{cut}": None if qrels is None else ndcg_at_k(ids, qrels, cut),
-        f"mrr@{cut}": None if qrels is None else mrr_at_k(ids, qrels, cut),
+        f"ndcg@{k}": None if qrels is None else ndcg_at_k(ids, qrels, k),
+        f"mrr@{k}": None if qrels is None else mrr_at_k(ids, qrels, k),
         "qps": q.shape[0] / best if best > 0 else float("inf"),
         "seconds": best,
         "nq": int(q.shape[0]),

@@ -9,7 +9,7 @@ import pytest
 
 import pyknn
 from pyknn.embed import CallableEmbedder
-from pyknn.rag import Collection, Hit
+from pyknn.rag import Collection, CollectionLockedError, Hit
 
 
 def hash_vectors(texts, dim=32):
@@ -125,6 +125,7 @@ def test_interrupted_persist_keeps_the_old_file(tmp_path, monkeypatch):
         c.persist()
     monkeypatch.undo()
     assert sorted(p.name for p in (tmp_path / "c").iterdir() if p.name.startswith(".")) == []
+    c._release()  # as if the process died here: no persist, the folder's lock is dropped
     d = Collection(tmp_path / "c", hash_embedder())  # the old file + SQLite: repaired
     assert d.repaired == (10, 0) and len(d) == 20 and len(d.index) == 20
     assert d.search(TEXTS[15], k=1)[0].id == "doc-16"
@@ -175,3 +176,119 @@ def test_collection_with_minilm_on_real_text(tmp_path, minilm, sample_texts):
     other = CallableEmbedder(hash_vectors, "hash@1", 32)
     with pytest.raises(pyknn.ModelMismatchError, match="all-MiniLM-L6-v2"):
         Collection(tmp_path / "wn", other)
+
+
+def test_non_finite_metadata_is_rejected_and_writes_nothing(tmp_path):
+    c = Collection(tmp_path / "c", hash_embedder(), index_spec="Flat")
+    c.add_texts(TEXTS[:3], metadata=[{"lang": "en"}] * 3)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match=r"metadata\[1\].*NaN or Infinity"):
+            c.add_texts(TEXTS[3:5], metadata=[{"v": 1.0}, {"nested": {"v": bad}}])
+    assert len(c) == 3 and len(c.index) == 3
+    # Filtered searches still work (no malformed JSON stored).
+    assert len(c.search(TEXTS[0], k=3, where={"lang": "en"})) == 3
+    c.close()
+
+
+def test_second_open_instance_is_refused(tmp_path):
+    c1 = Collection(tmp_path / "c", hash_embedder(), index_spec="Flat")
+    c1.add_texts(["apples and oranges"], ids=["x"])
+    with pytest.raises(CollectionLockedError, match="already open"):
+        Collection(tmp_path / "c", hash_embedder())
+    c1.add_texts(["trains and planes"], ids=["y"])
+    c1.close()
+    c2 = Collection(tmp_path / "c", hash_embedder())  # the lock went with close()
+    assert len(c2) == 2 and len(c2.index) == 2 and c2.repaired == (0, 0)
+    # A refused open (here: another model) does not keep the folder locked either.
+    with pytest.raises(CollectionLockedError):
+        Collection(tmp_path / "c", hash_embedder("hash@2"))
+    c2.close()
+    with pytest.raises(pyknn.ModelMismatchError):
+        Collection(tmp_path / "c", hash_embedder("hash@2"))
+    Collection(tmp_path / "c", hash_embedder()).close()
+
+
+def test_open_in_another_process_is_refused_until_it_exits(tmp_path):
+    child = textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        from pyknn.embed import CallableEmbedder
+        from pyknn.rag import Collection
+        c = Collection({str(tmp_path / "c")!r},
+                       CallableEmbedder(lambda t: np.ones((len(t), 32)), "hash@1", 32))
+        print("open", flush=True)
+        sys.stdin.readline()   # hold the collection open until told to go
+        import os; os._exit(0)  # die without close(): the OS drops the lock
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], cwd=tmp_path, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == "open\n", proc.stderr.read()
+        with pytest.raises(CollectionLockedError, match="already open"):
+            Collection(tmp_path / "c", hash_embedder())
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    Collection(tmp_path / "c", hash_embedder()).close()
+
+
+def test_default_ids_are_never_reused(tmp_path):
+    c = Collection(tmp_path / "c", hash_embedder(), index_spec="Flat")
+    assert c.add_texts(TEXTS[:3]) == ["doc-1", "doc-2", "doc-3"]
+    c.delete(["doc-3"])
+    assert c.add_texts(TEXTS[3:4]) == ["doc-4"]
+    c.delete(["doc-4", "doc-2"])
+    c.close()
+    c = Collection(tmp_path / "c", hash_embedder())
+    assert c.add_texts(TEXTS[4:5]) == ["doc-5"]
+    assert c.add_texts(TEXTS[5:6], ids=["mine"]) == ["mine"]
+    assert c.add_texts(TEXTS[6:7]) == ["doc-7"]
+    assert c.search(TEXTS[4], k=1)[0].id == "doc-5" and len(c) == 4
+    c.close()
+
+
+def test_argument_checks_and_closed_collection(tmp_path):
+    for metric in ("l2", "manhattan"):
+        with pytest.raises(ValueError, match="metric"):
+            Collection(tmp_path / metric, hash_embedder(), metric=metric)
+        assert not (tmp_path / metric).exists()  # nothing created
+    c = Collection(tmp_path / "c", hash_embedder(), index_spec="Flat")
+    c.add_texts(TEXTS[:3], ids=["a", 7, np.int64(8)],
+                metadata=[{"y": 2020}, {"y": 2021}, {"y": 2022}])
+    assert "7" in c and "8" in c
+    for bad in ([None], [1.5], [True], [b"x"]):
+        with pytest.raises(TypeError, match="document id"):
+            c.add_texts(TEXTS[3:4], ids=bad)
+    with pytest.raises(TypeError, match="list of document ids"):
+        c.delete(5)
+    assert c.delete([7]) == 1
+    assert [h.id for h in c.search(TEXTS[2], where={"y": np.int64(2022)})] == ["8"]
+    assert [h.id for h in c.search(TEXTS[2], where={"y": {"$gte": np.float32(2021.5)}})] == ["8"]
+    with pytest.raises(TypeError, match="where must be a dict"):
+        c.search("x", where=[])
+    assert len(c.search(TEXTS[0], where={})) == 2
+    assert len(c) == 2
+    c.close()
+    c.close()  # twice is fine
+    for call in (lambda: len(c), lambda: "a" in c, lambda: c.get("a"), lambda: c.search("x"),
+                 lambda: c.add_texts(["q"]), lambda: c.delete(["a"]), c.persist):
+        with pytest.raises(ValueError, match="is closed"):
+            call()
+
+
+def test_foreign_index_file_does_not_leak_the_database(tmp_path):
+    with Collection(tmp_path / "c", hash_embedder(), index_spec="Flat") as c:
+        c.add_texts(TEXTS[:3])
+    with Collection(tmp_path / "d", hash_embedder("other@1"), index_spec="Flat") as d:
+        d.add_texts(TEXTS[:3])
+    (tmp_path / "c" / "vectors.pyknn").write_bytes((tmp_path / "d" / "vectors.pyknn").read_bytes())
+    with pytest.raises(pyknn.ModelMismatchError):
+        Collection(tmp_path / "c", hash_embedder())
+    # The refused open released its lock and database: the folder opens (and can be fixed).
+    (tmp_path / "c" / "vectors.pyknn").unlink()
+    with Collection(tmp_path / "c", hash_embedder()) as c:
+        assert len(c) == 3 and c.repaired == (3, 0)

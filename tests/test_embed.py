@@ -2,6 +2,7 @@
 the OpenAI client against a local server that serves the same model; CallableEmbedder."""
 import importlib.util
 import os
+import re
 
 import numpy as np
 import pytest
@@ -35,7 +36,7 @@ class Recorder:
 def test_callable_embedder_normalises_batches_and_prefixes():
     rec = Recorder()
     e = CallableEmbedder(rec, "toy@1", 6, prefixes="e5", batch_size=2)
-    assert isinstance(e, Embedder) and e.model_id == "toy@1" and e.dim == 6
+    assert isinstance(e, Embedder) and e.model_id == "toy@1+prefix=e5" and e.dim == 6
     v = e.encode_documents(["a", "bb", "ccc"])
     assert v.dtype == np.float32 and v.shape == (3, 6)
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1, atol=1e-6)
@@ -113,7 +114,7 @@ def test_minilm_truncate_and_batches(minilm):
     full = minilm.encode_documents(texts)
     t = SentenceTransformerEmbedder(minilm.model, name="mini", revision="r1", truncate_dim=64,
                                     batch_size=2)
-    assert (t.model_id, t.dim) == ("mini@r1", 64)
+    assert (t.model_id, t.dim) == ("mini@r1+dim=64", 64)
     v = t.encode_documents(texts)
     expect = full[:, :64] / np.linalg.norm(full[:, :64], axis=1, keepdims=True)
     np.testing.assert_allclose(v, expect, atol=2e-5)
@@ -189,3 +190,114 @@ def test_openai_needs_a_key(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(ValueError, match="OPENAI_API_KEY"):
         OpenAIEmbedder("text-embedding-3-small")
+
+
+def test_model_id_names_prefixes_and_truncation():
+    rec = Recorder()
+    ids = {
+        "plain": CallableEmbedder(rec, "t@1", 6).model_id,
+        "none": CallableEmbedder(rec, "t@1", 6, prefixes="none").model_id,
+        "e5": CallableEmbedder(rec, "t@1", 6, prefixes="e5").model_id,
+        "e5 pair": CallableEmbedder(rec, "t@1", 6, prefixes=PREFIXES["e5"]).model_id,
+        "bge": CallableEmbedder(rec, "t@1", 6, prefixes="bge").model_id,
+        "custom": CallableEmbedder(rec, "t@1", 6, prefixes=("Q> ", "D> ")).model_id,
+        "custom2": CallableEmbedder(rec, "t@1", 6, prefixes=("Q> ", "")).model_id,
+        "dim": CallableEmbedder(rec, "t@1", 6, truncate_dim=4).model_id,
+        "e5 dim": CallableEmbedder(rec, "t@1", 6, prefixes="e5", truncate_dim=np.int64(4)).model_id,
+    }
+    assert ids["plain"] == ids["none"] == "t@1"
+    assert ids["e5"] == ids["e5 pair"] == "t@1+prefix=e5"
+    assert ids["bge"] == "t@1+prefix=bge"
+    assert re.fullmatch(r"t@1\+prefix=custom:[0-9a-f]{12}", ids["custom"])
+    assert ids["custom"] != ids["custom2"]
+    assert ids["dim"] == "t@1+dim=4" and ids["e5 dim"] == "t@1+prefix=e5+dim=4"
+    # The guard therefore refuses vectors of another prefix setup.
+    idx = pyknn.FlatIndex(6)
+    e5 = CallableEmbedder(rec, "t@1", 6, prefixes="e5")
+    idx.add_texts(["a"], e5)
+    with pytest.raises(pyknn.ModelMismatchError):
+        idx.add_texts(["b"], CallableEmbedder(rec, "t@1", 6))
+    assert CallableEmbedder(rec, "t@1", np.int64(6)).dim == 6
+
+
+@model
+def test_model_objects_get_a_weights_revision(minilm):
+    import copy
+    import torch
+    a = SentenceTransformerEmbedder(minilm.model)
+    b = SentenceTransformerEmbedder(minilm.model)
+    assert a.model_id == b.model_id and re.search(r"@sha256:[0-9a-f]{12}$", a.model_id)
+    tuned = copy.deepcopy(minilm.model)
+    with torch.no_grad():
+        next(tuned.parameters())[0, 0] += 1
+    assert SentenceTransformerEmbedder(tuned).model_id != a.model_id
+    assert SentenceTransformerEmbedder(minilm.model, revision="r9").model_id.endswith("@r9")
+
+    class NoWeights:
+        def get_sentence_embedding_dimension(self):
+            return 4
+
+    with pytest.raises(ValueError, match="revision="):
+        SentenceTransformerEmbedder(NoWeights())
+    assert SentenceTransformerEmbedder(NoWeights(), name="x", revision="1").model_id == "x@1"
+
+
+def test_callable_embedder_extreme_values_and_option_types():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning from overflow
+        v = CallableEmbedder(lambda t: np.full((len(t), 4), 1e30), "m@1", 4).encode_documents(["a"])
+        np.testing.assert_allclose(v, 0.5, atol=1e-6)
+        v = CallableEmbedder(lambda t: np.full((len(t), 4), 1e300), "m@1", 4).encode_documents(["a"])
+        np.testing.assert_allclose(v, 0.5, atol=1e-6)
+        with pytest.raises(ValueError, match="not finite"):
+            CallableEmbedder(lambda t: np.full((len(t), 4), np.inf), "m@1", 4).encode_documents(["a"])
+        with pytest.raises(ValueError, match="zero"):
+            CallableEmbedder(lambda t: np.zeros((len(t), 4)), "m@1", 4).encode_documents(["a"])
+    with pytest.raises(TypeError, match="progress"):
+        CallableEmbedder(lambda t: t, "m@1", 4, progress="no")
+
+
+@needs_openai
+def test_openai_argument_types():
+    with pytest.raises(TypeError, match="max_retries"):
+        OpenAIEmbedder(api_key="x", max_retries="3")
+    with pytest.raises(TypeError, match="max_retries"):
+        OpenAIEmbedder(api_key="x", max_retries=2.5)
+    with pytest.raises(TypeError, match="backoff"):
+        OpenAIEmbedder(api_key="x", backoff="1")
+
+
+@needs_openai
+@pytest.mark.parametrize("indices", [[0, 0], [1, 2], [0, 1, 2]])
+def test_openai_rejects_bad_response_indices(indices):
+    from types import SimpleNamespace as NS
+
+    class Client:
+        class embeddings:
+            @staticmethod
+            def create(model, input, **kw):
+                return NS(data=[NS(index=i, embedding=[1.0, 0.0]) for i in indices])
+
+    e = OpenAIEmbedder("m", client=Client(), dim=2)
+    with pytest.raises(ValueError, match="returned"):
+        e.encode_documents(["a", "b"])
+
+
+@model
+def test_load_minilm_prints_no_progress_bar(capfd):
+    from pyknn.embed import load_minilm
+    load_minilm()
+    assert "Loading weights" not in capfd.readouterr().err
+
+
+def test_add_texts_returns_the_ids_assigned():
+    from pyknn.rag import MatryoshkaIndex, TieredIndex
+    e = CallableEmbedder(Recorder(), "t@1", 6)
+    for idx in (pyknn.FlatIndex(6), pyknn.HNSWIndex(6), TieredIndex(pyknn.FlatIndex(6)),
+                MatryoshkaIndex(6, 6, first_stage="flat")):
+        got = idx.add_texts(["a", "bb", "ccc"], e)
+        assert got.dtype == np.int64 and got.tolist() == [0, 1, 2], type(idx).__name__
+        assert idx.add_texts(["dddd"], e, ids=[10]).tolist() == [10]
+        assert idx.add_texts(["e", "ff"], e).tolist() == [11, 12]
+        assert sorted(idx.ids.tolist()) == [0, 1, 2, 10, 11, 12]

@@ -91,3 +91,22 @@ def test_evaluate_on_the_sample():
     assert lo["ndcg@10"] is None
     with pytest.raises(ValueError, match="gt_ids has 5 rows for 300 queries"):
         pyknn.evaluate(flat, q, gt_ids=s.gt_ids[:5])
+
+
+def test_evaluate_names_metrics_by_k_and_checks_repeats():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    f = pyknn.FlatIndex(8)
+    f.add(x)
+    qrels = np.arange(5).reshape(5, 1)
+    r = pyknn.evaluate(f, x[:5], base=x, qrels=qrels, k=3)
+    assert {"recall@3", "ndcg@3", "mrr@3"} <= set(r) and "ndcg@10" not in r
+    assert r["ndcg@3"] == pytest.approx(pyknn.ndcg_at_k(r["ids"], qrels, 3))
+    assert r["mrr@3"] == pytest.approx(1.0) and r["ids"].shape == (5, 3)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="repeats must be >= 1"):
+            pyknn.evaluate(f, x[:5], base=x, k=3, repeats=bad)
+    with pytest.raises(TypeError, match="repeats"):
+        pyknn.evaluate(f, x[:5], base=x, k=3, repeats=2.5)
+    assert pyknn.evaluate(f, x[:5], base=x, k=3, repeats=np.int64(2))["seconds"] >= 0

@@ -124,3 +124,26 @@ def test_cosine_normalises_and_l2_does_not_warn():
         l2.add(x)
     np.testing.assert_allclose(np.linalg.norm(c.get(np.arange(20)), axis=1), 1, atol=1e-6)
     assert c.metadata["normalized"] is True and l2.metadata["normalized"] is False
+
+
+def test_bool_options_reject_other_values():
+    x = np.eye(4, dtype=np.float32)
+    idx = pyknn.FlatIndex(4)
+    for bad in ("no", "False", 0, None, 1.0):
+        if bad is None:
+            continue  # strict=None means the default
+        with pytest.raises(TypeError, match="strict"):
+            idx.add(x, strict=bad)
+        with pytest.raises(TypeError, match="strict_norms"):
+            idx.strict_norms = bad
+    assert len(idx) == 0
+    idx.add(x, strict=np.bool_(True))
+    from pyknn.rag import MatryoshkaIndex, TieredIndex
+    t = TieredIndex(pyknn.FlatIndex(4), auto_merge=None)
+    t.add(x)
+    m = MatryoshkaIndex(4, 4, first_stage="flat")
+    m.add(x)
+    for index in (t, m):
+        with pytest.raises(TypeError, match="missing_ok"):
+            index.remove([99], missing_ok="yes")
+        assert len(index) == 4

@@ -134,3 +134,164 @@ def test_ivfpq_first_stage_on_real_vectors(sample, tmp_path):
     u = MatryoshkaIndex.load(tmp_path / "m.pyknn")
     for a, b in zip(m.search(q[:20], 5), u.search(q[:20], 5)):
         np.testing.assert_array_equal(a, b)
+
+
+class _StageSpy:
+    """Wraps a first stage: records search sizes; can run code right after each add."""
+
+    def __init__(self, stage, after_add=None):
+        self._stage, self.after_add, self.ks = stage, after_add, []
+
+    def __getattr__(self, name):
+        return getattr(self._stage, name)
+
+    def __len__(self):
+        return len(self._stage)
+
+    def add(self, x, ids):
+        self._stage.add(x, ids)
+        if self.after_add is not None:
+            self.after_add()
+
+    def search(self, q, k, **kw):
+        self.ks.append(k)
+        return self._stage.search(q, k, **kw)
+
+
+def test_search_right_after_the_first_stage_publishes_new_rows():
+    """A search running between the first stage's add and the end of MatryoshkaIndex.add
+    (another thread) finds the new rows with their vectors."""
+    import threading
+    x = unit(np.random.default_rng(11).standard_normal((60, 16)))
+    m = MatryoshkaIndex(16, 8, first_stage="flat", rerank=20)
+    m.add(x[:10])
+    seen = []
+
+    def search_now():
+        def run():
+            try:
+                seen.append(m.search(x[10:60], 1))
+            except Exception as e:  # noqa: BLE001 - reported below
+                seen.append(e)
+        th = threading.Thread(target=run)
+        th.start()
+        th.join()
+
+    m._stage = _StageSpy(m._stage, after_add=search_now)
+    m.add(x[10:60])
+    m.add(x[10:12], ids=[100, 101])
+    for r in seen:
+        assert not isinstance(r, Exception), r
+    D, I = seen[0]
+    assert I[:, 0].tolist() == list(range(10, 60))
+    np.testing.assert_allclose(D[:, 0], 1, atol=1e-5)
+
+
+def test_concurrent_adds_and_searches():
+    import threading
+    rng = np.random.default_rng(12)
+    X = unit(rng.standard_normal((1300, 16)))
+    m = MatryoshkaIndex(16, 8, first_stage="hnsw", rerank=20)
+    m.add(X[:100])
+    errors, stop = [], threading.Event()
+    q = X[-5:]
+
+    def searcher():
+        while not stop.is_set():
+            try:
+                D, I = m.search(q, 5)
+                ok = I >= 0
+                ref = np.einsum("ij,ikj->ik", q, X[np.where(ok, I, 0)])
+                if not np.allclose(D[ok], ref[ok], atol=1e-4):
+                    errors.append("score does not match the id's vector")
+            except Exception as e:  # noqa: BLE001
+                errors.append(repr(e))
+
+    th = threading.Thread(target=searcher)
+    th.start()
+    try:
+        for i in range(12):  # grows the store several times
+            m.add(X[100 + 100 * i:200 + 100 * i], np.arange(100 + 100 * i, 200 + 100 * i))
+            m.remove(np.arange(100 * i, 100 * i + 50))
+    finally:
+        stop.set()
+        th.join()
+    assert errors == []
+    assert len(m) == 1300 - 600
+
+
+def test_shortlist_is_bounded_by_the_index_size_and_rerank_is_validated():
+    x = unit(np.random.default_rng(13).standard_normal((10, 16)))
+    m = MatryoshkaIndex(16, 8, first_stage="flat", rerank=5)
+    m.add(x)
+    spy = m._stage = _StageSpy(m._stage)
+    D, I = m.search(x[:2], k=2000, rerank=100_000)
+    assert max(spy.ks) <= 10 and D.shape == (2, 2000)
+    assert sorted(I[0, :10].tolist()) == list(range(10)) and (I[:, 10:] == -1).all()
+    for bad in (0, -1, 1 << 21):
+        with pytest.raises(ValueError, match="rerank"):
+            m.search(x[:1], 3, rerank=bad)
+    with pytest.raises(TypeError):
+        m.search(x[:1], 3, rerank="5")
+
+
+def test_removed_rows_are_reclaimed():
+    rng = np.random.default_rng(14)
+    m = MatryoshkaIndex(16, 8, first_stage="hnsw")
+    m.add(unit(rng.standard_normal((500, 16))))
+    one_batch = m.memory_usage()
+    for _ in range(10):
+        m.add(unit(rng.standard_normal((500, 16))))
+        m.remove(m.ids[:500])
+    assert len(m) == 500 and m.memory_usage() < 3 * one_batch
+    m.remove(m.ids[:450])
+    u = MatryoshkaIndex.from_bytes(m.to_bytes())
+    assert len(u) == 50 and u._rows[3] == 50  # saved without the removed rows
+    q = m.get(m.ids[:5])
+    np.testing.assert_array_equal(m.search(q, 3)[1], u.search(q, 3)[1])
+    u.add(q, ids=[10_000 + i for i in range(5)])
+    assert u.search(q, 1)[0][:, 0] == pytest.approx(1, abs=1e-5)
+
+
+def test_contains_and_get_shapes():
+    x = unit(np.random.default_rng(15).standard_normal((5, 16)))
+    m = MatryoshkaIndex(16, 8, first_stage="flat")
+    m.add(x)
+    assert m.get(2).shape == (16,) and m.get([2]).shape == (1, 16)
+    assert 2 in m and not m.contains(2 ** 70) and not m.contains(-2 ** 70)
+    with pytest.raises(TypeError):
+        m.contains("2")
+
+
+@pytest.mark.parametrize("first_stage", ["flat", "hnsw"])
+def test_corrupted_files_raise_format_error(tmp_path, first_stage):
+    x = unit(np.random.default_rng(16).standard_normal((40, 16)))
+    m = MatryoshkaIndex(16, 8, first_stage=first_stage)
+    m.add(x)
+    m.remove([3])
+    data = m.to_bytes()
+    assert len(MatryoshkaIndex.from_bytes(data)) == 39
+    step = max(1, len(data) // 97)
+    for i in range(0, len(data), step):
+        bad = bytearray(data)
+        bad[i] ^= 0x41
+        with pytest.raises(pyknn.FormatError):
+            MatryoshkaIndex.from_bytes(bytes(bad))
+    for cut in (0, 5, 20, 44, len(data) // 3, len(data) // 2, len(data) - 33, len(data) - 1):
+        with pytest.raises(pyknn.FormatError):
+            MatryoshkaIndex.from_bytes(data[:cut])
+    with pytest.raises(pyknn.FormatError):
+        MatryoshkaIndex.from_bytes(data + b"x")
+
+
+def test_version_1_file_loads():
+    """A file of format version 1 (no checksum, no first-stage keys): 50 unit vectors with
+    ids 147, 144, ... 0 (3 x reversed row), ids 9 and 12 removed; HNSW first stage."""
+    from pathlib import Path
+    u = MatryoshkaIndex.load(Path(__file__).parent / "data" / "matryoshka_v1.bin")
+    x = unit(np.random.default_rng(0).standard_normal((50, 16)).astype(np.float32))
+    assert len(u) == 48 and 9 not in u and 12 not in u and u.ids.max() == 147
+    D, I = u.search(x[:5], 1)
+    assert I[:, 0].tolist() == [147, 144, 141, 138, 135]
+    u.add(x[:1])
+    assert u.ids.max() == 148

@@ -313,3 +313,191 @@ def test_writes_in_the_middle_of_a_merge(monkeypatch):
     # main holds the merged documents, without the removed or replaced old copies.
     assert set(main.ids.tolist()) == set(range(200)) - {3, 120, 4, 130}
     assert set(t.ids.tolist()) == set(live) and len(t) == len(live)
+
+
+class WriterMain:
+    """A main index whose writes (add, remove) share one writer lock, like HNSW's write mutex.
+
+    With ``block`` set, add holds the writer until ``release`` is set (a long chunk insertion);
+    remove fails at once instead of waiting for a held writer (so a test shows who would wait).
+    ``fail_add`` / ``fail_remove`` make those calls raise.
+    """
+
+    def __init__(self, dim):
+        self._idx = pyknn.FlatIndex(dim)
+        self.writer = threading.Lock()
+        self.adding, self.release = threading.Event(), threading.Event()
+        self.block = False
+        self.fail_add = self.fail_remove = False
+        self.adds = 0
+
+    dim = property(lambda self: self._idx.dim)
+    metric = property(lambda self: self._idx.metric)
+    metadata = property(lambda self: self._idx.metadata)
+    ids = property(lambda self: self._idx.ids)
+
+    def __len__(self):
+        return len(self._idx)
+
+    def contains(self, id):
+        return self._idx.contains(id)
+
+    __contains__ = contains
+
+    def get(self, ids):
+        return self._idx.get(ids)
+
+    def search(self, q, k, filter=None, **kw):
+        return self._idx.search(q, k, filter=filter, **kw)
+
+    def memory_usage(self):
+        return self._idx.memory_usage()
+
+    def add(self, x, ids):
+        with self.writer:
+            self.adds += 1
+            if self.block:
+                self.adding.set()
+                assert self.release.wait(60)
+            if self.fail_add and (self.fail_add is True or self.adds >= self.fail_add):
+                raise RuntimeError("main refuses the add")
+            self._idx.add(x, ids)
+
+    def remove(self, ids, missing_ok=False):
+        if self.fail_remove:
+            raise RuntimeError("main refuses the remove")
+        if not self.writer.acquire(blocking=False):
+            raise AssertionError("main.remove would wait for main's writer")
+        try:
+            return self._idx.remove(ids, missing_ok)
+        finally:
+            self.writer.release()
+
+
+def test_writes_during_a_merge_never_wait_for_mains_writer():
+    """While a merge holds main's writer (inserting a chunk), adds, removes and searches go on:
+    none of them waits for main's writer, and the newest versions win afterwards."""
+    x = unit(np.random.default_rng(5).standard_normal((102, 16)))
+    main = WriterMain(16)
+    t = TieredIndex(main, auto_merge=None)
+    t.add(x[:50], np.arange(50))
+    t.merge()
+    t.add(x[50:100], np.arange(50, 100))
+    main.block = True
+    th = t.merge(background=True)
+    try:
+        assert main.adding.wait(60)  # the merge now holds main's writer
+        t.add(x[100:101], [3])       # replaces an id of main
+        t.add(x[101:102], [60])      # replaces an id being merged
+        assert t.remove([4, 70]) == 2
+        assert len(t) == 98 and 3 in t and 4 not in t and 70 not in t
+        D, I = t.search(x[100:102], k=5)
+        assert I[0, 0] == 3 and I[1, 0] == 60 and D[0, 0] == pytest.approx(1, abs=1e-5)
+        assert all(np.unique(r[r >= 0]).size == (r >= 0).sum() for r in I)
+    finally:
+        main.release.set()
+        th.join(60)
+    assert t.wait_merge() is True
+    expect = sorted(set(range(100)) - {4, 70})
+    assert sorted(t.ids.tolist()) == expect and len(t) == 98
+    np.testing.assert_allclose(t.get([3, 60]), x[100:102], atol=1e-6)
+    # Tombstones were applied to main by the merge.
+    assert 4 not in main and 70 not in main and t.fresh_size == 2
+    D, I = t.search(x[:100], k=3)
+    assert all(np.unique(r[r >= 0]).size == (r >= 0).sum() for r in I)
+
+
+def test_read_only_main_is_rejected(tmp_path):
+    h = pyknn.HNSWIndex(16)
+    h.add(unit(np.random.default_rng(0).standard_normal((20, 16))))
+    h.save(tmp_path / "h.pyknn")
+    ro = pyknn.load(tmp_path / "h.pyknn", mmap=True)
+    assert ro.read_only
+    with pytest.raises(ValueError, match="read-only"):
+        TieredIndex(ro)
+
+
+def test_failing_main_leaves_the_tiered_index_unchanged(monkeypatch):
+    monkeypatch.setattr("pyknn.rag.tiered._MERGE_CHUNK", 10)
+    x = unit(np.random.default_rng(6).standard_normal((80, 16)))
+    main = WriterMain(16)
+    t = TieredIndex(main, auto_merge=None)
+    t.add(x[:30], np.arange(30))
+    t.merge()
+    main.fail_remove = True
+    # Replacing / removing ids of main needs no main.remove: they succeed.
+    t.add(x[30:31], [5])
+    assert t.remove([6]) == 1
+    assert len(t) == 29 and 6 not in t
+    np.testing.assert_allclose(t.get(5), x[30], atol=1e-6)
+    # A merge that cannot drop main's stale copies fails before changing anything.
+    with pytest.raises(RuntimeError, match="refuses the remove"):
+        t.merge()
+    assert t.fresh_size == 1 and len(t) == 29 and t.main is main
+    # A merge whose add fails half-way (second chunk), with main.remove failing too: the
+    # fresh tier comes back whole; the copied chunk stays hidden in main.
+    main.fail_remove = False
+    t.merge()
+    t.add(x[40:80], np.arange(40, 80))
+    before = sorted(t.ids.tolist())
+    main.fail_add, main.adds, main.fail_remove = 2, 0, True
+    with pytest.raises(RuntimeError, match="refuses the add"):
+        t.merge()
+    assert t.fresh_size == 40 and len(t) == len(before) and sorted(t.ids.tolist()) == before
+    D, I = t.search(x[40:80], k=3)
+    assert I[:, 0].tolist() == list(range(40, 80))
+    assert all(np.unique(r[r >= 0]).size == (r >= 0).sum() for r in I)
+    # Once main works again, a merge moves everything and cleans main up.
+    main.fail_add, main.fail_remove = False, False
+    t.merge()
+    assert t.fresh_size == 0 and sorted(t.ids.tolist()) == before
+    assert sorted(main.ids.tolist()) == before and len(t) == len(before)
+
+
+def test_contains_get_and_wait_merge_types():
+    t = TieredIndex(pyknn.FlatIndex(16), auto_merge=None)
+    x = unit(np.random.default_rng(7).standard_normal((5, 16)))
+    t.add(x)
+    for bad in ("3", 2.7, None):
+        with pytest.raises(TypeError):
+            t.contains(bad)
+    assert 3 in t and np.int64(3) in t and not t.contains(2 ** 70)
+    assert t.get(1).shape == (16,) and t.get(np.int64(1)).shape == (16,)
+    assert t.get([1]).shape == (1, 16)
+    assert t.wait_merge() is True and t.wait_merge(timeout=0.0) is True
+    main = WriterMain(16)
+    t = TieredIndex(main, auto_merge=None)
+    t.add(x)
+    main.block = True
+    th = t.merge(background=True)
+    try:
+        assert main.adding.wait(60)
+        assert t.wait_merge(timeout=0) is False
+    finally:
+        main.release.set()
+    th.join(60)
+    assert t.wait_merge() is True and len(main) == 5
+
+
+def test_corrupted_tiered_files_raise_format_error():
+    x = unit(np.random.default_rng(8).standard_normal((60, 16)))
+    t = TieredIndex(pyknn.HNSWIndex(16), auto_merge=None)
+    t.add(x[:40])
+    t.merge()
+    t.add(x[40:])
+    t.remove([3, 45])
+    data = t.to_bytes()
+    u = TieredIndex.from_bytes(data)
+    assert len(u) == 58 and u.fresh_size == 19
+    header_end = data.index(b"}") + 1
+    step = max(1, len(data) // 97)
+    for i in list(range(header_end)) + list(range(header_end, len(data), step)):
+        bad = bytearray(data)
+        bad[i] ^= 0x01  # also turns digits of the header's counts into other digits
+        with pytest.raises(pyknn.FormatError):
+            TieredIndex.from_bytes(bytes(bad))
+    for cut in (0, 5, 12, 30, len(data) // 3, len(data) // 2, len(data) - 33, len(data) - 1):
+        with pytest.raises(pyknn.FormatError):
+            TieredIndex.from_bytes(data[:cut])
+    with pytest.raises(pyknn.FormatError):
+        TieredIndex.from_bytes(data + b"x")

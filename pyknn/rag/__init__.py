@@ -7,8 +7,8 @@
 * :class:`Collection`: an embedded vector store: texts and JSON metadata in SQLite, vectors in
   a TieredIndex, metadata filters, crash-safe persistence, bound to one embedding model.
 """
-from .collection import Collection, Hit
+from .collection import Collection, CollectionLockedError, Hit
 from .matryoshka import FIRST_STAGES, MatryoshkaIndex
 from .tiered import TieredIndex
 
-__all__ = ["TieredIndex", "MatryoshkaIndex", "FIRST_STAGES", "Collection", "Hit"]
+__all__ = ["TieredIndex", "MatryoshkaIndex", "FIRST_STAGES", "Collection", "CollectionLockedError", "Hit"]

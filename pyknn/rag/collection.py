@@ -11,6 +11,12 @@ that last wrote it. Opening a collection repairs the index from SQLite: document
 the saved generation are embedded again, index entries without a document are removed. So a
 crash at any point (during an add, between the SQLite commit and ``persist()``, or while the
 index file is written) leaves a store that reopens consistent, losing nothing committed.
+
+One Collection object at a time may have a folder open: it holds an exclusive lock on
+``lock`` in the folder (``fcntl.flock``) until :meth:`Collection.close`, and the operating
+system drops it when the process dies. A second open, in this process or another, raises
+:class:`CollectionLockedError` instead of letting two instances overwrite each other's index.
+(Where ``fcntl`` is missing, e.g. on Windows, no lock is taken.)
 """
 from __future__ import annotations
 
@@ -25,11 +31,16 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from .._guard import ModelMismatchError
+from .._guard import ModelMismatchError, as_bool
 from ..factory import index_factory
 from .tiered import TieredIndex
 
-__all__ = ["Collection", "Hit"]
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+__all__ = ["Collection", "CollectionLockedError", "Hit"]
 
 _SCHEMA_VERSION = 1
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -78,10 +89,23 @@ class Collection:
         for attr in ("model_id", "dim", "encode_queries", "encode_documents"):
             if not hasattr(embedder, attr):
                 raise TypeError(f"embedder must provide {attr} (see pyknn.embed.Embedder)")
+        if metric not in ("ip", "cosine"):
+            raise ValueError(f"metric must be 'ip' or 'cosine' (embedders return unit vectors), "
+                             f"got {metric!r}")
+        index_factory(embedder.dim, index_spec, metric)  # validate before creating anything
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.embedder = embedder
         self._lock = threading.RLock()
+        self._db = None
+        self._lock_file = _lock_folder(self.path)  # raises if another instance has it open
+        try:
+            self._open(embedder, index_spec, metric, merge_threshold)
+        except BaseException:
+            self._release()
+            raise
+
+    def _open(self, embedder, index_spec, metric, merge_threshold):
         self._db = sqlite3.connect(self.path / "docs.sqlite", check_same_thread=False,
                                    isolation_level=None)  # transactions are explicit
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -98,17 +122,14 @@ class Collection:
         meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
         if meta:
             if meta["model_id"] != embedder.model_id:
-                self._db.close()
                 raise ModelMismatchError(
                     f"collection {str(self.path)!r} holds vectors of embedding model "
                     f"{meta['model_id']!r}; it was opened with {embedder.model_id!r}")
             if int(meta["dim"]) != embedder.dim:
-                self._db.close()
                 raise ValueError(f"collection {str(self.path)!r} has dim {meta['dim']}, the "
                                  f"embedder gives {embedder.dim}")
             self.index_spec, self.metric = meta["index_spec"], meta["metric"]
         else:
-            index_factory(embedder.dim, index_spec, metric)  # validate before writing anything
             self.index_spec, self.metric = index_spec, metric
             with self._transaction():
                 self._db.executemany("INSERT INTO meta VALUES (?, ?)", [
@@ -192,7 +213,7 @@ class Collection:
         texts = list(texts)
         n = len(texts)
         if ids is not None:
-            ids = [str(i) for i in ids]
+            ids = _doc_ids(ids, "ids")
             if len(ids) != n:
                 raise ValueError(f"got {len(ids)} ids for {n} texts")
             if len(set(ids)) != n:
@@ -200,27 +221,38 @@ class Collection:
         metadata = [None] * n if metadata is None else list(metadata)
         if len(metadata) != n:
             raise ValueError(f"got {len(metadata)} metadata entries for {n} texts")
-        try:
-            meta_json = [json.dumps(m if m is not None else {}) for m in metadata]
-        except TypeError as e:
-            raise TypeError(f"metadata must be JSON-serialisable: {e}") from None
+        meta_json = []
         for i, m in enumerate(metadata):
             if m is not None and not isinstance(m, dict):
                 raise TypeError(f"metadata[{i}] must be a dict, got {type(m).__name__}")
+            try:
+                # allow_nan=False: NaN / Infinity are not JSON; SQLite's json functions would
+                # reject the stored text and every later filtered search would fail.
+                meta_json.append(json.dumps(m if m is not None else {}, allow_nan=False))
+            except TypeError as e:
+                raise TypeError(f"metadata[{i}] must be JSON-serialisable: {e}") from None
+            except ValueError:
+                raise ValueError(f"metadata[{i}] holds NaN or Infinity, which JSON cannot "
+                                 "store; use None or a finite number") from None
+        self._check_open()
         if n == 0:
             return []
         vecs = self.embedder.encode_documents(texts)  # before any write: may be slow or fail
         with self._lock, self._transaction() as db:
+            self._check_open()
+            # Row numbers (and default ids "doc-<row>") come from a counter that only grows,
+            # kept in the meta table: a deleted document's row and id are never handed out
+            # again. It changes in this transaction, so a failed add does not advance it.
+            next_row = _next_row(db)
             if ids is None:
-                start = db.execute("SELECT COALESCE(MAX(row), 0) + 1 FROM docs").fetchone()[0]
-                rows = list(range(start, start + n))
-                ids = [f"doc-{r}" for r in rows]
+                ids = [f"doc-{r}" for r in range(next_row, next_row + n)]
                 clash = _select_in(db, "SELECT id FROM docs WHERE id IN ({})", ids)
                 if clash:
                     raise ValueError(f"default id {clash[0][0]!r} is taken; pass ids explicitly")
             existing = dict(_select_in(db, "SELECT id, row FROM docs WHERE id IN ({})", ids))
             new = [i for i in ids if i not in existing]
-            next_row = db.execute("SELECT COALESCE(MAX(row), 0) + 1 FROM docs").fetchone()[0]
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('next_row', ?)",
+                       (str(next_row + len(new)),))
             row_of = dict(existing)
             row_of.update({i: next_row + j for j, i in enumerate(new)})
             rows = np.array([row_of[i] for i in ids], np.int64)
@@ -236,7 +268,9 @@ class Collection:
     def delete(self, ids: Sequence[str], missing_ok: bool = False) -> int:
         """Delete documents by id; returns how many were deleted (KeyError naming an unknown
         id unless ``missing_ok``; nothing is deleted then)."""
-        ids = [str(i) for i in ([ids] if isinstance(ids, str) else ids)]
+        missing_ok = as_bool(missing_ok, "missing_ok")
+        ids = _doc_ids([ids] if isinstance(ids, str) else ids, "ids")
+        self._check_open()
         with self._lock, self._transaction() as db:
             found = dict(_select_in(db, "SELECT id, row FROM docs WHERE id IN ({})", ids))
             missing = [i for i in ids if i not in found]
@@ -250,6 +284,7 @@ class Collection:
     def persist(self) -> None:
         """Write the vector index atomically (temporary file, fsync, rename)."""
         with self._lock:
+            self._check_open()
             self._index.metadata["collection_generation"] = self._gen
             self._index.save(self.path / "vectors.pyknn")
             self._gen += 1
@@ -259,10 +294,20 @@ class Collection:
         with self._lock:
             if self._db is None:
                 return
-            self._index.wait_merge()
-            self.persist()
+            try:
+                self._index.wait_merge()
+                self.persist()
+            finally:
+                self._release()
+
+    def _release(self):
+        """Close the database and give up the folder's lock (no persist)."""
+        if self._db is not None:
             self._db.close()
             self._db = None
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing the descriptor drops the flock
+            self._lock_file = None
 
     def __enter__(self):
         return self
@@ -272,14 +317,21 @@ class Collection:
         return False
 
     # -- reads ---------------------------------------------------------------------------
+    def _check_open(self):
+        if self._db is None:
+            raise ValueError(f"collection {str(self.path)!r} is closed")
+
     def __len__(self) -> int:
+        self._check_open()
         return self._db.execute("SELECT COUNT(*) FROM docs").fetchone()[0]
 
     def __contains__(self, id) -> bool:
+        self._check_open()
         return self._db.execute("SELECT 1 FROM docs WHERE id = ?", (str(id),)).fetchone() is not None
 
     def get(self, id: str) -> Hit:
         """The stored document ``id`` (score NaN); KeyError if unknown."""
+        self._check_open()
         r = self._db.execute("SELECT text, metadata FROM docs WHERE id = ?", (str(id),)).fetchone()
         if r is None:
             raise KeyError(f"document {id!r} is not in the collection")
@@ -305,9 +357,11 @@ class Collection:
         single = isinstance(query, str)
         queries = [query] if single else list(query)
         with self._lock:
-            allow = None
-            if where:
+            self._check_open()
+            allow = sql = None
+            if where is not None:
                 sql, args = _where_sql(where)
+            if sql:
                 allow = np.array([r for (r,) in self._db.execute(
                     f"SELECT row FROM docs WHERE {sql}", args)], np.int64)
             if allow is not None and allow.size == 0:
@@ -330,6 +384,33 @@ class Collection:
         return out[0] if single else out
 
 
+class CollectionLockedError(RuntimeError):
+    """The collection folder is open in another Collection object (this process or another)."""
+
+
+def _lock_folder(path: Path):
+    """Open ``path/lock`` and take an exclusive, non-blocking flock on it; returns the file."""
+    f = open(path / "lock", "a+b")
+    if fcntl is None:  # pragma: no cover - no advisory locks on this platform
+        return f
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise CollectionLockedError(
+            f"collection {str(path)!r} is already open (in this process or another); close "
+            "it first: two open instances would overwrite each other's index") from None
+    return f
+
+
+def _next_row(db) -> int:
+    """The next unused row number: the stored counter (collections made before it existed
+    start from the largest row)."""
+    r = db.execute("SELECT value FROM meta WHERE key = 'next_row'").fetchone()
+    largest = db.execute("SELECT COALESCE(MAX(row), 0) + 1 FROM docs").fetchone()[0]
+    return max(int(r[0]), largest) if r else largest
+
+
 def _select_in(db, sql, values):
     out = []
     for s in range(0, len(values), _CHUNK):
@@ -344,7 +425,27 @@ def _exec_in(db, sql, values):
         db.execute(sql.format(",".join("?" * len(part))), part)
 
 
+def _doc_ids(ids, what):
+    """Document ids as strings: each must be a str or an integer (numpy ones included)."""
+    if isinstance(ids, (bytes, dict)) or not hasattr(ids, "__iter__"):
+        raise TypeError(f"{what} must be a list of document ids (str), got {type(ids).__name__}")
+    out = []
+    for i in ids:
+        if isinstance(i, str):
+            out.append(i)
+        elif isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_)):
+            out.append(str(int(i)))
+        else:
+            raise TypeError(f"{what}: a document id must be a str (or an int), got "
+                            f"{type(i).__name__} {i!r}")
+    return out
+
+
 def _json_value(v, key):
+    if isinstance(v, np.generic):  # numpy scalars: their Python value
+        v = v.item()
+    if isinstance(v, float) and not np.isfinite(v):
+        raise ValueError(f"where[{key!r}]: NaN and Infinity never match stored metadata")
     if isinstance(v, bool) or v is None or isinstance(v, (int, float, str)):
         return v
     raise TypeError(f"where[{key!r}]: filter values must be str, int, float, bool or None, "

@@ -17,13 +17,18 @@ replaces it: the old copy is removed in the same locked step). A merge
 3. drops ``frozen``, under the write lock: readers see either the three tiers or two, never a
    half-merged state.
 
-Writes during a merge (an id of ``frozen`` replaced or removed) cannot touch ``frozen`` or wait
-for the copy, so they *hide* the id: searches skip hidden ids of ``frozen`` and ``main``
-(fetching k + number hidden from those tiers), and step 3 removes them from ``main``.
+Writes never modify ``frozen`` or ``main`` themselves: replacing or removing an id stored
+there *hides* it (a tombstone): searches skip hidden ids of ``frozen`` and ``main`` (fetching
+k + number hidden from those tiers). The tombstones of ``main`` are applied (``main.remove``)
+by whoever holds main's writer role: the merge thread (before its swap and in step 3), or an
+add / remove after it released the tier lock when no merge runs. So an add or remove never
+waits for main's own write lock (held for a long time while a merge inserts a chunk into an
+HNSW graph) while holding the tier lock, and searches never queue behind it.
 Searches share a reader/writer lock, so many run in parallel; add / remove hold it briefly.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -34,14 +39,16 @@ from typing import Optional
 import numpy as np
 
 from .. import _core
-from .._guard import Guarded, inner
-from .._validation import as_ids, as_matrix, check_k, check_positive_int
+from .._guard import Guarded, as_bool, inner
+from .._validation import as_ids, as_matrix, check_k, check_positive_int, is_scalar_id
 from ..indexes import FlatIndex, _from_bytes
 
 __all__ = ["TieredIndex"]
 
 _MAGIC = b"PYKNNTIERED\x00"
-_VERSION = 1
+# Version 2 ends with a SHA-256 digest of everything before it; version 1 files still load.
+_VERSION = 2
+_DIGEST = 32
 # Vectors copied into main per call during a merge: small enough that an IVF / flat main,
 # which locks out its searches while adding, is never locked for long.
 _MERGE_CHUNK = 4096
@@ -121,6 +128,9 @@ class TieredIndex(Guarded):
                  auto_merge: Optional[str] = "background"):
         if not all(hasattr(main, a) for a in ("add", "search", "remove", "dim", "metric")):
             raise TypeError(f"main must be a pyknn index, got {type(main).__name__}")
+        if getattr(main, "read_only", False):
+            raise ValueError("main is read-only (loaded with mmap=True): a TieredIndex must add "
+                             "to and remove from its main index; load it with mmap=False")
         if fresh is None or fresh is FlatIndex:
             fresh = FlatIndex(main.dim, main.metric)
         if not isinstance(fresh, FlatIndex):
@@ -140,6 +150,9 @@ class TieredIndex(Guarded):
         self._main_hidden: set = set()
         self._lock = _RWLock()
         self._merge_lock = threading.Lock()
+        # Held by whoever writes to main (the merge thread, or a flush of main's tombstones):
+        # main.add / main.remove are only called with it held.
+        self._main_writer = threading.Lock()
         self._merge_thread: Optional[threading.Thread] = None
         self._merge_error: Optional[BaseException] = None
         ids = np.asarray(main.ids)
@@ -217,28 +230,28 @@ class TieredIndex(Guarded):
                 staged.add(x, ids)
                 x = staged.get(ids)
                 in_fresh = np.isin(ids, self._fresh.ids)
-                replaced = int(np.count_nonzero(in_fresh))
-                if replaced:
+                live_frozen = np.zeros(n, bool)
+                if self._frozen is not None:
+                    live_frozen = (~in_fresh & np.isin(ids, self._frozen.ids)
+                                   & ~np.isin(ids, _arr(self._frozen_hidden)))
+                rest = ids[~in_fresh & ~live_frozen]
+                # Older copies in main are hidden, not removed here (see the module docstring).
+                in_main = self._in_main(rest) & ~np.isin(rest, _arr(self._main_hidden))
+                # Nothing has changed so far; the steps below do not fail.
+                if in_fresh.any():
                     self._fresh.remove(ids[in_fresh])
                 self._fresh.add(x, ids)
-                if self._frozen is not None:
-                    live = np.isin(ids, self._frozen.ids) & ~np.isin(ids, _arr(self._frozen_hidden))
-                    hide = ids[live]
-                    replaced += hide.size
-                    self._frozen_hidden.update(hide.tolist())
-                    self._main_hidden.update(hide.tolist())
-                    # Older copies of the other ids may sit in main; those in main_hidden
-                    # were logically gone already and do not count as replaced.
-                    rest = ids[~in_fresh & ~live]
-                    gone = np.isin(rest, _arr(self._main_hidden))
-                    replaced += self._main.remove(rest[~gone], missing_ok=True)
-                    self._main.remove(rest[gone], missing_ok=True)
-                else:
-                    replaced += self._main.remove(ids[~in_fresh], missing_ok=True)
+            hide_frozen = ids[live_frozen].tolist()
+            self._frozen_hidden.update(hide_frozen)
+            self._main_hidden.update(hide_frozen)
+            self._main_hidden.update(rest[in_main].tolist())
+            replaced = (int(np.count_nonzero(in_fresh)) + len(hide_frozen)
+                        + int(np.count_nonzero(in_main)))
             self._count += n - replaced
             self._next_id = max(self._next_id, int(ids.max()) + 1)
             if self._metadata.get("model_id") is not None:
                 self._fresh.metadata["model_id"] = self._metadata["model_id"]
+        self._flush_main()
         self._maybe_merge()
 
     def remove(self, ids, missing_ok: bool = False) -> int:
@@ -246,6 +259,7 @@ class TieredIndex(Guarded):
 
         Unknown ids raise KeyError (nothing removed) unless ``missing_ok``.
         """
+        missing_ok = as_bool(missing_ok, "missing_ok")
         ids = as_ids(ids)
         if ids.size and np.unique(ids).size != ids.size:
             ids = np.unique(ids)
@@ -256,20 +270,49 @@ class TieredIndex(Guarded):
                 in_frozen = (np.isin(ids, self._frozen.ids) & ~in_fresh
                              & ~np.isin(ids, _arr(self._frozen_hidden)))
             rest = ids[~in_fresh & ~in_frozen]
-            hidden = np.isin(rest, _arr(self._main_hidden))
-            if not missing_ok and hidden.any():
-                raise KeyError(f"id {int(rest[hidden][0])} is not in the index")
-            # Raises KeyError naming the first unknown id, before anything changed.
-            removed = self._main.remove(rest[~hidden], missing_ok=missing_ok)
-            removed += self._fresh.remove(ids[in_fresh])
-            if in_frozen.any():
-                hide = ids[in_frozen].tolist()
-                self._frozen_hidden.update(hide)
-                self._main_hidden.update(hide)
-                self._main.remove(ids[in_frozen], missing_ok=True)
-                removed += len(hide)
+            in_main = self._in_main(rest) & ~np.isin(rest, _arr(self._main_hidden))
+            if not missing_ok and not in_main.all():
+                raise KeyError(f"id {int(rest[np.argmin(in_main)])} is not in the index")
+            # Nothing has changed so far. Copies in frozen and main are hidden (tombstones).
+            removed = self._fresh.remove(ids[in_fresh]) if in_fresh.any() else 0
+            hide = ids[in_frozen].tolist()
+            self._frozen_hidden.update(hide)
+            self._main_hidden.update(hide)
+            self._main_hidden.update(rest[in_main].tolist())
+            removed += len(hide) + int(np.count_nonzero(in_main))
             self._count -= removed
-            return removed
+        self._flush_main()
+        return removed
+
+    def _in_main(self, ids) -> np.ndarray:
+        """Whether each id is stored in main (hidden or not); reads only, never waits for
+        main's writer."""
+        if ids.size <= 32:
+            return np.fromiter((self._main.contains(int(i)) for i in ids), bool, ids.size)
+        return np.isin(ids, np.asarray(self._main.ids))
+
+    def _apply_main_tombstones(self, keep=()):
+        """Remove main's hidden ids from main. Call with the tier write lock and main's writer
+        held. Ids in ``keep`` stay hidden (their copy in main may still be written later). On
+        error the tombstones stay (the state remains consistent) and the error propagates."""
+        todo = self._main_hidden - set(keep) if keep else self._main_hidden
+        if todo:
+            with inner():
+                self._main.remove(_arr(todo), missing_ok=True)
+            self._main_hidden = self._main_hidden & set(keep) if keep else set()
+
+    def _flush_main(self):
+        """Apply main's tombstones now if no one else writes main (a merge does it itself)."""
+        if not self._main_hidden or not self._main_writer.acquire(blocking=False):
+            return
+        try:
+            with self._lock.write():
+                if self._frozen is None:
+                    self._apply_main_tombstones()
+        except Exception:  # noqa: BLE001 - tombstones stay; retried by the next flush / merge
+            pass
+        finally:
+            self._main_writer.release()
 
     # -- reads ---------------------------------------------------------------------------
     def search(self, q, k: int = 10, filter=None, **params):
@@ -316,7 +359,11 @@ class TieredIndex(Guarded):
 
     def contains(self, id) -> bool:
         """Whether ``id`` is stored (in any tier)."""
+        if not is_scalar_id(id):
+            raise TypeError(f"id must be an integer, got {type(id).__name__}")
         id = int(id)
+        if not -(1 << 63) <= id < (1 << 63):
+            return False
         with self._lock.read():
             if self._fresh.contains(id):
                 return True
@@ -341,7 +388,10 @@ class TieredIndex(Guarded):
             return out[np.sort(first)]
 
     def get(self, ids) -> np.ndarray:
-        """The newest stored vectors of ``ids`` (n, dim); KeyError naming an unknown id."""
+        """The newest stored vectors of ``ids`` (n, dim), or (dim,) for one scalar id;
+        KeyError naming an unknown id."""
+        if is_scalar_id(ids):
+            return self.get(as_ids(ids))[0]
         ids = as_ids(ids)
         out = np.empty((ids.size, self.dim), np.float32)
         with self._lock.read():
@@ -377,14 +427,21 @@ class TieredIndex(Guarded):
         self._merge()
         return None
 
-    def wait_merge(self, timeout: Optional[float] = None) -> None:
-        """Wait for a background merge to finish; re-raise its error if it failed."""
+    def wait_merge(self, timeout: Optional[float] = None) -> bool:
+        """Wait for a background merge to finish; re-raise its error if it failed.
+
+        Returns True when no merge is running any more, False when ``timeout`` (seconds)
+        passed first.
+        """
         t = self._merge_thread
         if t is not None:
             t.join(timeout)
+            if t.is_alive():
+                return False
         err, self._merge_error = self._merge_error, None
         if err is not None:
             raise err
+        return True
 
     def _merge_in_thread(self):
         try:
@@ -404,7 +461,7 @@ class TieredIndex(Guarded):
             self.merge(background=True)
 
     def _merge(self):
-        with self._merge_lock:
+        with self._merge_lock, self._main_writer:
             with self._lock.write():
                 if len(self._fresh) == 0:
                     return
@@ -412,6 +469,10 @@ class TieredIndex(Guarded):
                     raise ValueError(
                         f"the main index needs at least {_min_train(self._main)} vectors to "
                         f"train; the fresh tier holds {len(self._fresh)}")
+                # Main's stale copies go first, so that main holds none of the ids about to be
+                # copied into it (main's writer is ours: this does not wait). On error nothing
+                # has changed.
+                self._apply_main_tombstones()
                 frozen = self._frozen = self._fresh
                 self._fresh = FlatIndex(self.dim, self.metric)
                 self._fresh.metadata["model_id"] = self._metadata.get("model_id")
@@ -430,24 +491,31 @@ class TieredIndex(Guarded):
             except BaseException:
                 self._rollback(frozen)
                 raise
-            with self._lock.write(), inner():
-                self._main.remove(_arr(self._main_hidden), missing_ok=True)
+            with self._lock.write():
                 self._frozen = None
-                self._frozen_hidden, self._main_hidden = set(), set()
+                self._frozen_hidden = set()
+                try:
+                    self._apply_main_tombstones()
+                except Exception:  # noqa: BLE001 - they stay hidden; the next flush retries
+                    pass
 
     def _rollback(self, frozen):
-        """Undo a failed merge: the frozen vectors go back to the fresh tier."""
+        """Undo a failed merge: the frozen vectors go back to the fresh tier. Whatever the merge
+        copied into main is hidden (not removed: main may be what failed)."""
         with self._lock.write(), inner():
             ids = frozen.ids
-            self._main.remove(ids, missing_ok=True)
             live = ids[~np.isin(ids, _arr(self._frozen_hidden))]
             # Newer versions already in the fresh tier win over the frozen ones.
             live = live[~np.isin(live, self._fresh.ids)]
             if live.size:
                 self._fresh.add(frozen.get(live), live)
-            self._main.remove(_arr(self._main_hidden), missing_ok=True)
+            self._main_hidden.update(ids.tolist())
             self._frozen = None
-            self._frozen_hidden, self._main_hidden = set(), set()
+            self._frozen_hidden = set()
+            try:
+                self._apply_main_tombstones()
+            except Exception:  # noqa: BLE001 - they stay hidden; the next flush retries
+                pass
 
     # -- persistence ---------------------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -455,7 +523,8 @@ class TieredIndex(Guarded):
 
         Waits for a running merge, so the two tiers saved are a consistent state.
         """
-        with self._merge_lock, self._lock.read():
+        with self._merge_lock, self._main_writer, self._lock.write():
+            self._apply_main_tombstones()
             if self._metadata.get("model_id") is not None:
                 self._fresh.metadata["model_id"] = self._metadata["model_id"]
             header = json.dumps({"merge_threshold": self.merge_threshold,
@@ -463,8 +532,9 @@ class TieredIndex(Guarded):
                                  "count": self._count}).encode()
             main = self._main.to_bytes()
             fresh = self._fresh.to_bytes()
-        return b"".join([_MAGIC, struct.pack("<IQ", _VERSION, len(header)), header,
+        body = b"".join([_MAGIC, struct.pack("<IQ", _VERSION, len(header)), header,
                          struct.pack("<Q", len(main)), main, struct.pack("<Q", len(fresh)), fresh])
+        return body + hashlib.sha256(body).digest()
 
     def save(self, path) -> None:
         """Write both tiers to one file, atomically (temporary file, fsync, rename).
@@ -491,25 +561,39 @@ class TieredIndex(Guarded):
             return out
 
         version, hlen = struct.unpack("<IQ", take(12))
-        if version != _VERSION:
+        if version not in (1, _VERSION):
             raise _core.FormatError(f"tiered index format version {version} is not supported "
-                                    f"(supported: {_VERSION})")
+                                    f"(supported: 1, {_VERSION})")
+        if version >= 2:
+            if len(data) - pos < _DIGEST:
+                raise _core.FormatError("truncated tiered index file: no checksum")
+            if hashlib.sha256(data[:-_DIGEST]).digest() != bytes(data[-_DIGEST:]):
+                raise _core.FormatError("corrupted tiered index file: checksum mismatch")
+            data = data[:-_DIGEST]
         try:
             header = json.loads(bytes(take(hlen)))
-        except ValueError:
+            merge_threshold, auto_merge = header["merge_threshold"], header["auto_merge"]
+            count, next_id = int(header["count"]), int(header["next_id"])
+        except (ValueError, KeyError, TypeError):
             raise _core.FormatError("corrupted tiered index file: bad header") from None
         main = _from_bytes(take(struct.unpack("<Q", take(8))[0]))
         fresh = _from_bytes(take(struct.unpack("<Q", take(8))[0]))
         if pos != len(data):
             raise _core.FormatError(f"corrupted tiered index file: {len(data) - pos} trailing bytes")
-        obj = cls(main, merge_threshold=header["merge_threshold"], auto_merge=header["auto_merge"])
+        try:
+            if count != len(main) + len(fresh) or np.isin(fresh.ids, main.ids).any():
+                raise ValueError(f"the header counts {count} vectors, the tiers hold "
+                                 f"{len(main)} + {len(fresh)}")
+            obj = cls(main, merge_threshold=merge_threshold, auto_merge=auto_merge)
+        except (ValueError, TypeError) as e:
+            raise _core.FormatError(f"corrupted tiered index file: {e}") from None
         with inner():
             if len(fresh):
                 fids = fresh.ids
                 obj._fresh.add(fresh.get(fids), fids)
         obj._fresh.metadata["model_id"] = main.metadata.get("model_id")
-        obj._count = int(header["count"])
-        obj._next_id = int(header["next_id"])
+        obj._count = count
+        obj._next_id = max(next_id, obj._next_id, int(fresh.ids.max()) + 1 if len(fresh) else 0)
         return obj
 
     @classmethod

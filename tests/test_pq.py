@@ -129,3 +129,16 @@ def test_pq4_scan_every_level_is_exact(M):
     for level in LEVELS:
         out = _core._kernel_pq4_scan(level, _interleave(codes), lut)
         np.testing.assert_array_equal(out, ref, err_msg=level)
+
+
+@pytest.mark.parametrize("n", [0, 1, 31, 32, 33, 100, 1000])
+def test_select_ge_u16_every_level(n):
+    rng = np.random.default_rng(n)
+    s = rng.integers(0, 65536, n, dtype=np.uint16)
+    if n > 3:
+        s[3] = 65535
+    for thr in (0, 1, 30000, 65000, 65535, 65536, 70000):
+        ref = np.flatnonzero(s.astype(np.int64) >= thr)
+        for level in LEVELS:
+            out = _core._kernel_select_ge_u16(level, s, thr)
+            np.testing.assert_array_equal(out, ref, err_msg=f"{level} thr {thr}")

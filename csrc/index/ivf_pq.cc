@@ -378,9 +378,9 @@ void IVFPQIndex::search(const float* q, size_t nq, size_t k, size_t nprobe, size
                            ? std::min(nprobe, (threads + nq - 1) / nq) : 1;
   const size_t qchunk = parts > 1 ? 1 : std::max<size_t>(1, std::min<size_t>(32, nq / (4 * threads)));
   const size_t nchunks = (nq + qchunk - 1) / qchunk;
-  // Per (part, query): the best r1 by float ADC. 4-bit scans keep a second heap of the best kc
-  // by quantised score; a code entering it is re-scored with the float table at once, while the
-  // list's table and coarse term are at hand.
+  // Per (part, query): the best r1 by float ADC. 4-bit scans first keep the best kc by quantised
+  // score (screened in uint16 against the heap's threshold); those kc are re-scored with the
+  // float tables once the part's probes are done.
   std::vector<float> hs(parts * nq * r1);
   std::vector<int64_t> hr(parts * nq * r1);
   std::vector<size_t> hsize(parts * nq, 0);
@@ -388,11 +388,11 @@ void IVFPQIndex::search(const float* q, size_t nq, size_t k, size_t nprobe, size
   parallel_for(nchunks * parts, [&](size_t task) {
     const size_t chunk = task / parts, part = task % parts;
     const size_t q0 = chunk * qchunk, mq = std::min(qchunk, nq - q0);
-    std::vector<float> ip(mq * M * ks), base(M * ks), lut(M * ks), s(max_scan);
+    std::vector<float> ip(mq * M * ks), base(M * ks), lut(M * ks), s(fast ? 0 : max_scan);
     std::vector<uint32_t> idx(max_scan);
     std::vector<uint8_t> lut8(fast ? M * 16 : 0), code(M);
     std::vector<uint16_t> acc(fast ? max_scan : 0);
-    std::vector<float> qs(fast ? kc : 0);
+    std::vector<float> qs(fast ? kc : 0), lbias(fast ? nlist_ : 0);
     std::vector<int64_t> qr(fast ? kc : 0);
     pq_.inner_product_tables(K, queries + q0 * dim_, mq, ip.data());
     for (size_t i = 0; i < mq; ++i) {
@@ -412,38 +412,68 @@ void IVFPQIndex::search(const float* q, size_t nq, size_t k, size_t nprobe, size
         const size_t n = L.ids.size();
         if (!n) continue;
         const float bias = by_residual_ ? cscore[qi * nprobe + p] : 0.f;
-        const float* table = base.data();
-        if (l2_residual()) {
-          const float* t2 = term2_.data() + l * M * ks;
-          for (size_t j = 0; j < M * ks; ++j) lut[j] = base[j] - t2[j];
-          table = lut.data();
-        }
         const uint8_t* lmask = maskp ? maskp + prefix[l] : nullptr;
         const int64_t row0 = encode_loc(l, 0);
         if (!fast) {
+          const float* table = base.data();
+          if (l2_residual()) {
+            const float* t2 = term2_.data() + l * M * ks;
+            for (size_t j = 0; j < M * ks; ++j) lut[j] = base[j] - t2[j];
+            table = lut.data();
+          }
           K.pq8_scan(table, L.codes.data(), n, M, bias, s.data());
           scan.ip(h, s.data(), n, row0, lmask, idx.data());
           continue;
         }
-        if (l2_residual()) qt = quantise_table(table, M, lut8.data());
+        lbias[l] = bias;
+        if (l2_residual()) {
+          // The list's table base - T2[l], quantised per list.
+          const float* t2 = term2_.data() + l * M * ks;
+          for (size_t j = 0; j < M * ks; ++j) lut[j] = base[j] - t2[j];
+          qt = quantise_table(lut.data(), M, lut8.data());
+        }
+        if (p + 1 < nprobe && probes[qi * nprobe + p + 1] >= 0) {
+          // The next list's first block, while this one is scanned (lists start cold).
+          const std::vector<uint8_t>& nc = lists_[static_cast<size_t>(probes[qi * nprobe + p + 1])].codes;
+          for (size_t b = 0; b < std::min<size_t>(nc.size(), 1024); b += 64)
+            __builtin_prefetch(nc.data() + b);
+        }
         K.pq4_scan(L.codes.data(), (n + kBlock - 1) / kBlock, M, lut8.data(), acc.data());
         const float b0 = bias + qt.offset;
-        for (size_t j = 0; j < n; ++j) s[j] = b0 + qt.delta * static_cast<float>(acc[j]);
-        for (size_t j0 = 0; j0 < n; j0 += 64) {
-          const size_t len = std::min<size_t>(64, n - j0);
-          const size_t c = hq.size < hq.k ? (std::iota(idx.begin(), idx.begin() + len, 0u), len)
-                                         : K.select_ge(s.data() + j0, len, hq.threshold(), idx.data());
-          for (size_t t = 0; t < c; ++t) {
-            const size_t j = j0 + idx[t];
-            if (lmask && !lmask[j]) continue;
-            const float before = hq.threshold();
-            if (!(s[j] >= before)) continue;
-            hq.push(s[j], row0 + static_cast<int64_t>(j));
-            read_code(L, j, code.data());
-            float f = bias;
-            for (size_t m = 0; m < M; ++m) f += table[m * ks + code[m]];
-            h.push(f, row0 + static_cast<int64_t>(j));
+        size_t c;
+        if (hq.size < hq.k) {
+          std::iota(idx.begin(), idx.begin() + n, 0u);
+          c = n;
+        } else {
+          // s = b0 + delta * acc >= thr needs acc >= (thr - b0) / delta; one step lower absorbs
+          // rounding, the float test below is the exact one.
+          const float tq = (hq.threshold() - b0) / qt.delta;
+          if (!(tq <= 65536.f)) continue;
+          const uint32_t t16 = tq <= 1.f ? 0u : static_cast<uint32_t>(tq) - 1u;
+          c = K.select_ge_u16(acc.data(), n, t16, idx.data());
+        }
+        for (size_t t = 0; t < c; ++t) {
+          const size_t j = idx[t];
+          if (lmask && !lmask[j]) continue;
+          const float sj = b0 + qt.delta * static_cast<float>(acc[j]);
+          if (!(sj >= hq.threshold())) continue;
+          hq.push(sj, row0 + static_cast<int64_t>(j));
+        }
+      }
+      if (fast) {
+        // Float ADC of the quantised shortlist.
+        for (size_t t = 0; t < hq.size; ++t) {
+          const size_t l = list_of(qr[t]), j = offset_of(qr[t]);
+          read_code(lists_[l], j, code.data());
+          // Two sub-quantizers per step into two sums (M is even): independent additions.
+          const float* t2 = l2_residual() ? term2_.data() + l * M * ks : nullptr;
+          float f0 = 0.f, f1 = 0.f;
+          for (size_t m = 0; m < M; m += 2) {
+            const size_t a = m * ks + code[m], b = (m + 1) * ks + code[m + 1];
+            f0 += t2 ? base[a] - t2[a] : base[a];
+            f1 += t2 ? base[b] - t2[b] : base[b];
           }
+          h.push(lbias[l] + (f0 + f1), qr[t]);
         }
       }
       hsize[slot] = h.size;

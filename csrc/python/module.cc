@@ -105,6 +105,18 @@ void bind_kernel_hooks(py::module_& m) {
     K.pq4_scan(blocks.data(), nb, M, lut.data(), out.mutable_data());
     return out;
   });
+  // Positions of the uint16 sums >= thr (the 4-bit scan's screen).
+  m.def("_kernel_select_ge_u16", [](const std::string& level,
+                                    py::array_t<uint16_t, py::array::c_style | py::array::forcecast> s,
+                                    uint32_t thr) {
+    const simd::Kernels& K = kernels_named(level);
+    const size_t n = static_cast<size_t>(s.size());
+    std::vector<uint32_t> idx(n + 1);
+    const size_t c = K.select_ge_u16(s.data(), n, thr, idx.data());
+    py::array_t<uint32_t> out(c);
+    std::copy(idx.begin(), idx.begin() + c, out.mutable_data());
+    return out;
+  });
   m.def("_kernel_max", [](const std::string& level, FloatArray s) {
     return kernels_named(level).max(s.data(), static_cast<size_t>(s.size()));
   });

@@ -44,6 +44,9 @@ struct Kernels {
   // M * max(lut) < 65536).
   void (*pq4_scan)(const uint8_t* codes, size_t nblocks, size_t M, const uint8_t* lut,
                    uint16_t* out);
+  // Writes the positions j < n with s[j] >= thr to idx in ascending order; returns their count
+  // (the integer screen of the 4-bit scan sums).
+  size_t (*select_ge_u16)(const uint16_t* s, size_t n, uint32_t thr, uint32_t* idx);
 };
 
 inline size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }

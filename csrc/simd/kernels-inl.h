@@ -365,8 +365,55 @@ void pq4_scan(const uint8_t* codes, size_t nblocks, size_t M, const uint8_t* lut
 }
 #endif
 
+// Most 32-vector blocks of a long scan hold no candidate: one compare per block, positions only
+// for the rare hits.
+#if defined(__AVX512BW__)
+size_t select_ge_u16(const uint16_t* s, size_t n, uint32_t thr, uint32_t* idx) {
+  if (thr > 0xffff) return 0;
+  const __m512i t = _mm512_set1_epi16(static_cast<short>(thr));
+  size_t c = 0, j = 0;
+  for (; j + 32 <= n; j += 32) {
+    uint32_t m = _mm512_cmpge_epu16_mask(_mm512_loadu_si512(s + j), t);
+    while (m) {
+      idx[c++] = static_cast<uint32_t>(j + __builtin_ctz(m));
+      m &= m - 1;
+    }
+  }
+  for (; j < n; ++j)
+    if (s[j] >= thr) idx[c++] = static_cast<uint32_t>(j);
+  return c;
+}
+#elif defined(__AVX2__)
+size_t select_ge_u16(const uint16_t* s, size_t n, uint32_t thr, uint32_t* idx) {
+  if (thr > 0xffff) return 0;
+  const __m256i t = _mm256_set1_epi16(static_cast<short>(thr));
+  size_t c = 0, j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + j));
+    // v >= t  <=>  max(v, t) == v (unsigned)
+    const __m256i ge = _mm256_cmpeq_epi16(_mm256_max_epu16(v, t), v);
+    uint32_t m = static_cast<uint32_t>(_mm256_movemask_epi8(ge));
+    while (m) {
+      const int b = __builtin_ctz(m);
+      idx[c++] = static_cast<uint32_t>(j + b / 2);
+      m &= ~(3u << b);
+    }
+  }
+  for (; j < n; ++j)
+    if (s[j] >= thr) idx[c++] = static_cast<uint32_t>(j);
+  return c;
+}
+#else
+size_t select_ge_u16(const uint16_t* s, size_t n, uint32_t thr, uint32_t* idx) {
+  size_t c = 0;
+  for (size_t j = 0; j < n; ++j)
+    if (s[j] >= thr) idx[c++] = static_cast<uint32_t>(j);
+  return c;
+}
+#endif
+
 const Kernels table = {PYKNN_LEVEL_NAME, MR, NR, dot, l2sq, dot_many, l2sq_many, norms_sq,
-                       pack, gemm, select_ge, max_of, pq8_scan, pq4_scan};
+                       pack, gemm, select_ge, max_of, pq8_scan, pq4_scan, select_ge_u16};
 
 }  // namespace
 }  // namespace PYKNN_KNS

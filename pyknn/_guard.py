@@ -152,6 +152,11 @@ class Guarded:
     def strict_norms(self, value: bool):
         self._metadata["strict_norms"] = as_bool(value, "strict_norms")
 
+    def _check_can_add(self) -> None:
+        """Raise if ``add`` cannot succeed whatever the vectors (untrained, read-only ...)."""
+        if not getattr(self, "is_trained", True):
+            raise RuntimeError(f"{type(self).__name__} is not trained: call train(x) before add()")
+
     # -- text in, through an embedder ----------------------------------------------------------
     def add_texts(self, texts, embedder, ids=None, **kwargs):
         """Embed ``texts`` as documents with ``embedder`` and add them (model guard applies).
@@ -223,6 +228,8 @@ def _guard_add(add):
                 _leave()
         try:
             check_model_id(self._metadata, model_id, f"adding vectors to {type(self).__name__}")
+            # An index that cannot take vectors says so before any warning about them.
+            self._check_can_add()
             x = as_matrix(x, self.dim, "vectors")
             strict = self.strict_norms if strict is None else as_bool(strict, "strict")
             unit = check_norms(x, self.metric, strict, f"{type(self).__name__}.add")

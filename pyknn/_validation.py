@@ -15,8 +15,10 @@ def check_metric(metric):
 
 # Largest dimension an index accepts (the C++ core checks the same).
 MAX_DIM = 1 << 20
-# Most results (queries x k) one search may return: beyond this the output alone is 48 GB.
-MAX_RESULTS = 1 << 32
+# Most results (queries x k, or queries x shortlist) one search may hold: 2^28 results already
+# take 3 GB (float32 distance + int64 id each); beyond that a typo in k is far likelier than a
+# real need, and the allocation would take the process down rather than raise.
+MAX_RESULTS = 1 << 28
 
 
 def check_positive_int(value, name, minimum=1, maximum=(1 << 63) - 1):
@@ -34,12 +36,15 @@ def check_dim(dim):
     return check_positive_int(dim, "dim", maximum=MAX_DIM)
 
 
-def check_k(k, nq=1):
-    """k >= 1, and small enough that the (nq, k) results can be allocated."""
-    k = check_positive_int(k, "k")
+def check_k(k, nq=1, name="k", minimum=1):
+    """k >= minimum, and small enough that the (nq, k) results can be allocated.
+
+    Also serves shortlist sizes (name="rerank"), which cost the same per query.
+    """
+    k = check_positive_int(k, name, minimum=minimum)
     if nq * k > MAX_RESULTS:
-        raise ValueError(f"k={k} for {nq} queries asks for {nq * k} results, more than the "
-                         f"{MAX_RESULTS} one search can return; lower k or split the queries")
+        raise ValueError(f"{name}={k} for {nq} queries asks for {nq * k} results, more than the "
+                         f"{MAX_RESULTS} one search can hold; lower {name} or split the queries")
     return k
 
 

@@ -1,6 +1,7 @@
 """The index classes: argument checks, metadata and persistence around the C++ core."""
 import json
 import os
+import threading
 
 import numpy as np
 
@@ -8,6 +9,7 @@ from . import _core
 from ._validation import (as_filter, as_ids, as_matrix, check_dim, check_k, check_metric,
                           check_positive_int, is_scalar_id)
 from ._guard import Guarded, new_metadata
+from ._guard import inner as _inner
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
@@ -195,8 +197,9 @@ class _Cells:
 
     @property
     def nprobe(self) -> int:
-        """Default number of cells scanned by :meth:`search` (saved with the index)."""
-        return self._core.nprobe
+        """Default number of cells scanned by :meth:`search` (saved with the index); a value
+        set above nlist reads back as nlist, the number a search actually scans."""
+        return min(self._core.nprobe, self._core.nlist)
 
     @nprobe.setter
     def nprobe(self, value):
@@ -482,8 +485,7 @@ class _PQIndexBase(_Index):
     def _search(self, q, k, nprobe, rerank, filter):
         q = as_matrix(q, self.dim, "queries")
         k = check_k(k, q.shape[0])
-        rerank = self.rerank if rerank is None else check_positive_int(
-            rerank, "rerank", minimum=0, maximum=1 << 30)
+        rerank = check_k(self.rerank if rerank is None else rerank, q.shape[0], "rerank", 0)
         fids, fmask = as_filter(filter, len(self))
         return self._core.search(q, k, nprobe, rerank, fids, fmask)
 
@@ -559,9 +561,10 @@ class IVFPQIndex(_Cells, _PQIndexBase):
     rerank : int
         Default re-ranking depth of :meth:`search` (0: none).
 
-    Memory: pq_m * nbits / 8 bytes of code plus an 8-byte id per vector (plus dim * 4 or 2
-    bytes with re-rank vectors), the centroids, and for l2 with residuals a table of
-    nlist * pq_m * 2**nbits floats. Call :meth:`train` before :meth:`add` and :meth:`search`.
+    Memory: pq_m * nbits / 8 bytes of code plus an 8-byte id per vector, and its slot in the
+    id map (16-byte slots at most 3/4 full: 21 to 32 bytes per vector); plus dim * 4 or 2
+    bytes with re-rank vectors, the centroids, and for l2 with residuals a table of
+    nlist * pq_m * 2**nbits floats. :func:`pyknn.estimate_memory` gives the total. Call :meth:`train` before :meth:`add` and :meth:`search`.
     """
 
     def __init__(self, dim: int, nlist: int = 1024, pq_m: int = None, nbits: int = 8,
@@ -649,62 +652,88 @@ class PQIndex(_PQIndexBase):
                 f"ntotal={len(self)}, trained={self.is_trained})")
 
 
-class RefineIndex:
+class RefineIndex(Guarded):
     """Exact re-ranking over any index: ``base`` proposes a shortlist, full vectors decide.
 
     Parameters
     ----------
     base : index
-        Any pyknn index (trained if it needs training). The wrapper adds every vector to it and
-        to its own float32 store (a :class:`FlatIndex`), with the same ids.
+        An empty pyknn index (trained if it needs training). The wrapper adds every vector to it
+        and to its own float32 store (a :class:`FlatIndex`), with the same ids.
     k_factor : int >= 1
         Default shortlist size per query: k_factor * k candidates are asked of ``base``.
 
     ``search(q, k, rerank=None, **base_search_args)`` asks ``base`` for max(k, rerank) (default
     k_factor * k) candidates, then re-scores them against the stored vectors in C++ (the gather
-    and the exact distances, no Python loop). Like FAISS's IndexRefineFlat. It pickles (both
-    parts); :meth:`save` is not available, pickle it instead.
+    and the exact distances, no Python loop). Like FAISS's IndexRefineFlat. The metadata (and
+    so the model guard) is the base index's. ``add`` and ``remove`` are serialised with each
+    other and with pickling, so the two parts always hold the same ids; searches run
+    concurrently with them. It pickles (both parts); :meth:`save` is not available.
+
+    Memory: the base index plus dim * 4 bytes per vector, its id and id-map slot.
     """
 
     def __init__(self, base, k_factor: int = 4):
         if not isinstance(base, _Index):
             raise TypeError(f"base must be a pyknn index, got {type(base).__name__}")
-        self.base = base
         self.k_factor = check_positive_int(k_factor, "k_factor", maximum=1 << 20)
-        self._store = FlatIndex(base.dim, base.metric)
         if len(base):
             raise ValueError(f"the base index already holds {len(base)} vectors; wrap an empty "
                              "index so that every vector is also stored for re-ranking")
+        self.base = base
+        self._store = FlatIndex(base.dim, base.metric)
+        self._lock = threading.RLock()
 
     dim = property(lambda self: self.base.dim, doc="Number of dimensions.")
     metric = property(lambda self: self.base.metric, doc="The base index's metric.")
+    _metadata = property(lambda self: self.base._metadata)
+
+    @property
+    def is_trained(self) -> bool:
+        """Whether the base index is ready for ``add`` (indexes without training always are)."""
+        return getattr(self.base, "is_trained", True)
 
     def __len__(self):
         return len(self._store)
 
     def train(self, x, **kwargs):
-        """Train the base index (arguments as its ``train``); returns self."""
-        self.base.train(x, **kwargs)
+        """Train the base index (arguments as its ``train``); a no-op for bases that need no
+        training (FlatIndex, HNSWIndex), as in FAISS. Returns self."""
+        if hasattr(self.base, "train"):
+            self.base.train(x, **kwargs)
         return self
 
+    def _check_can_add(self) -> None:
+        super()._check_can_add()
+        if getattr(self.base, "read_only", False):
+            raise ValueError(f"the base {type(self.base).__name__} is read-only (memory-mapped); "
+                             "load it without mmap to add vectors")
+
     def add(self, x, ids=None) -> None:
-        """Add vectors to the store and to the base index with the same ids."""
+        """Add vectors to the store and to the base index with the same ids.
+
+        Parameters as :meth:`FlatIndex.add`. The store assigns the default ids; a failed add
+        changes neither part.
+        """
+        self._check_can_add()
         x = as_matrix(x, self.dim, "vectors")
         if ids is not None:
             ids = as_ids(ids, x.shape[0])
-        if self.base.__class__ is not FlatIndex and hasattr(self.base, "is_trained") \
-                and not self.base.is_trained:
-            raise RuntimeError(f"{type(self.base).__name__} is not trained: call train(x) "
-                               "before add()")
-        n_before = len(self._store)
-        self._store.add(x, ids)
-        if ids is None:
-            ids = self._store.ids[n_before:]
-        try:
-            self.base.add(x, ids)
-        except BaseException:
-            self._store.remove(ids)
-            raise
+        with self._lock:
+            if ids is None:
+                # The ids the store's next add assigns, computed before anything changes so
+                # that a failure does not use them up.
+                n_before = len(self._store)
+                self._store.add(x)
+                ids = self._store.ids[n_before:]
+            else:
+                self._store.add(x, ids)
+            try:
+                with _inner():
+                    self.base.add(x, ids)
+            except BaseException:
+                self._store.remove(ids)
+                raise
 
     def search(self, q, k: int = 10, rerank=None, filter=None, **base_args):
         """The k best of the base index's shortlist, by exact distance.
@@ -715,7 +744,7 @@ class RefineIndex:
         """
         q = as_matrix(q, self.dim, "queries")
         k = check_k(k, q.shape[0])
-        r = self.k_factor * k if rerank is None else check_positive_int(rerank, "rerank")
+        r = check_k(self.k_factor * k if rerank is None else rerank, q.shape[0], "rerank")
         r = max(r, k)
         if filter is not None:
             # The base index orders its rows differently: pass the filter as ids.
@@ -727,8 +756,13 @@ class RefineIndex:
     def remove(self, ids, missing_ok: bool = False) -> int:
         """Remove ids from both parts; returns how many were removed."""
         ids = as_ids(ids)
-        self.base.remove(ids, missing_ok)
-        return self._store.remove(ids, missing_ok)
+        if getattr(self.base, "read_only", False):
+            raise ValueError(f"the base {type(self.base).__name__} is read-only (memory-mapped)")
+        with self._lock:
+            # The store first: unknown ids raise KeyError there before either part changes.
+            removed = self._store.remove(ids, missing_ok)
+            self.base.remove(ids, missing_ok=True)
+            return removed
 
     def get(self, ids):
         """The stored full vectors (float32)."""
@@ -747,6 +781,18 @@ class RefineIndex:
     def memory_usage(self) -> int:
         """Bytes of the base index plus the float32 store."""
         return self.base.memory_usage() + self._store.memory_usage()
+
+    def __getstate__(self):
+        with self._lock:
+            # Serialised here, under the lock, so the two parts are captured between writes.
+            return {"base": self.base.to_bytes(), "store": self._store.to_bytes(),
+                    "k_factor": self.k_factor}
+
+    def __setstate__(self, state):
+        self.base = _from_bytes(state["base"])
+        self._store = _from_bytes(state["store"])
+        self.k_factor = state["k_factor"]
+        self._lock = threading.RLock()
 
     def __repr__(self):
         return f"RefineIndex({self.base!r}, k_factor={self.k_factor})"

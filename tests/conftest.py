@@ -83,3 +83,55 @@ def sample_texts():
         with gzip.open(folder / name, "rt", encoding="utf-8") as f:
             return [json.loads(line) for line in f]
     return read("docs.jsonl.gz"), read("queries.jsonl.gz")
+
+
+# XXH64 (seed 0), the file format's checksum, so tests can forge files whose checksum is valid and
+# check that the loader still rejects their contents.
+_P1, _P2, _P3, _P4, _P5 = (0x9E3779B185EBCA87, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
+                           0x85EBCA77C2B2AE63, 0x27D4EB2F165667C5)
+_MASK = (1 << 64) - 1
+
+
+def _rotl(x, r):
+    return ((x << r) | (x >> (64 - r))) & _MASK
+
+
+def _round(acc, lane):
+    return (_rotl((acc + lane * _P2) & _MASK, 31) * _P1) & _MASK
+
+
+def xxh64(data: bytes) -> int:
+    import struct
+    n, i = len(data), 0
+    if n >= 32:
+        v = [(_P1 + _P2) & _MASK, _P2, 0, (-_P1) & _MASK]
+        while i + 32 <= n:
+            lanes = struct.unpack_from("<4Q", data, i)
+            v = [_round(a, b) for a, b in zip(v, lanes)]
+            i += 32
+        h = (_rotl(v[0], 1) + _rotl(v[1], 7) + _rotl(v[2], 12) + _rotl(v[3], 18)) & _MASK
+        for a in v:
+            h = ((h ^ _round(0, a)) * _P1 + _P4) & _MASK
+    else:
+        h = _P5
+    h = (h + n) & _MASK
+    while i + 8 <= n:
+        h = (_rotl(h ^ _round(0, struct.unpack_from("<Q", data, i)[0]), 27) * _P1 + _P4) & _MASK
+        i += 8
+    if i + 4 <= n:
+        h = (_rotl(h ^ (struct.unpack_from("<I", data, i)[0] * _P1 & _MASK), 23) * _P2 + _P3) & _MASK
+        i += 4
+    while i < n:
+        h = (_rotl(h ^ (data[i] * _P5 & _MASK), 11) * _P1) & _MASK
+        i += 1
+    h ^= h >> 33
+    h = (h * _P2) & _MASK
+    h ^= h >> 29
+    h = (h * _P3) & _MASK
+    return h ^ (h >> 32)
+
+
+def reseal(data: bytes) -> bytes:
+    """``data`` (an index file, possibly edited) with its trailing checksum recomputed."""
+    import struct
+    return bytes(data[:-8]) + struct.pack("<Q", xxh64(bytes(data[:-8])))

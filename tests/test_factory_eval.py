@@ -25,11 +25,36 @@ def test_factory_builds_the_index(spec, cls, attrs, metric):
         assert getattr(idx, k) == v
 
 
-@pytest.mark.parametrize("bad", ["", "flat", "IVF,Flat", "HNSW", "IVF0,Flat", "PQ32", "HNSW32,PQ8",
-                                 "IVF10,Flat,Refine", "LSH"])
+@pytest.mark.parametrize("bad", ["", "flat", "IVF,Flat", "HNSW", "IVF0,Flat", "PQ32x5", "HNSW32,PQ8",
+                                 "IVF10,Flat,Refine", "LSH", "PQ0"])
 def test_unknown_or_invalid_specs(bad):
     with pytest.raises(ValueError, match="spec"):
         pyknn.index_factory(32, bad)
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("IVF256,PQ50x8", "not divisible by pq_m 50 \\(valid pq_m: \\[1, 2, 3"),
+    ("IVF256,PQ48x8fs", "fast scan"),
+    ("IVF16,PQ48x5", "nbits 5 is not supported"),
+    ("PQ3x4", "even pq_m"),
+    ("IVF8388608,Flat", "nlist must be at most 4194304"),
+    ("HNSW1", "M must be at least 2"),
+    ("HNSW32,Refine", "Refine applies to compressed"),
+])
+def test_factory_and_estimate_reject_the_same_specs(bad, message):
+    """estimate_memory never prices an index that index_factory refuses to build."""
+    with pytest.raises(ValueError, match=message):
+        pyknn.index_factory(384, bad)
+    with pytest.raises(ValueError, match=message):
+        pyknn.estimate_memory(1000, 384, bad)
+
+
+@pytest.mark.parametrize("spec,nbits", [("PQ8", 8), ("PQ16x4fs", 4), ("PQ8x8,Refine", 8)])
+def test_factory_builds_pq_index(spec, nbits):
+    idx = pyknn.index_factory(32, spec, metric="l2")
+    base = idx.base if spec.endswith("Refine") else idx
+    assert type(base) is pyknn.PQIndex and base.nbits == nbits and base.metric == "l2"
+    assert type(idx) is (pyknn.RefineIndex if spec.endswith("Refine") else pyknn.PQIndex)
 
 
 def test_pq_specs_parse_and_wait_for_ivfpq():
@@ -48,7 +73,8 @@ def test_pq_specs_parse_and_wait_for_ivfpq():
 
 
 @pytest.mark.parametrize("spec", ["Flat", "IVF32,Flat", "HNSW16", "HNSW32", "IVF32,PQ12x8",
-                                  "IVF32,PQ12x4fs", "IVF16,PQ8x4,Refine"])
+                                  "IVF32,PQ12x4fs", "IVF16,PQ8x4,Refine", "PQ12x8",
+                                  "PQ12x4fs,Refine", "IVF1024,PQ12x4fs"])
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 def test_estimate_memory_agrees_with_memory_usage(spec, metric):
     n, dim = 6000, 48

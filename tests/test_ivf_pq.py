@@ -1,6 +1,7 @@
 """PQIndex / IVFPQIndex / RefineIndex: ADC accuracy, re-ranking, fast scan, storage, files."""
 import pickle
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -327,6 +328,69 @@ def test_refine_index_over_any_index():
     assert len(r) == 20 and len(r.base) == 20
     with pytest.raises(RuntimeError, match="not trained"):
         pyknn.RefineIndex(pyknn.IVFPQIndex(D, nlist=4, pq_m=8)).add(x[:2])
+    # A failed add does not use up default ids; unknown ids in remove change neither part.
+    with pytest.raises(ValueError, match="NaN"):
+        r.add(np.full((3, D), np.nan, np.float32))
+    r.add(x[20:21])
+    assert 20 in r and 20 in r.base
+    with pytest.raises(KeyError):
+        r.remove([3, 999])
+    assert 3 in r and 3 in r.base and len(r) == len(r.base) == 21
+    # Bases without training: train() is a no-op, as in FAISS.
+    h = pyknn.RefineIndex(pyknn.HNSWIndex(D, M=8))
+    assert h.train(x) is h and h.is_trained and len(h) == 0
+
+
+def test_refine_index_guard_and_limits():
+    x = _unit(clustered(600, D, n_clusters=8, seed=3))
+    r = pyknn.RefineIndex(pyknn.FlatIndex(D))
+    r.add(x[:100], model_id="m@1")
+    assert r.model_id == "m@1" and r.base.metadata["model_id"] == "m@1"
+    with pytest.raises(pyknn.ModelMismatchError):
+        r.search(x[:1], 5, model_id="other@1")
+    with pytest.warns(pyknn.NormWarning):
+        r.add(x[100:110] * 3)
+    with pytest.raises(ValueError, match="rerank=.* results"):
+        r.search(x[:4], 5, rerank=1 << 27)
+    with pytest.raises(ValueError, match="k=.* results"):
+        r.search(x[:1], 1 << 29)
+    clone = pickle.loads(pickle.dumps(r))
+    assert clone.model_id == "m@1" and len(clone) == 110
+
+
+def test_refine_index_concurrent_adds_keep_parts_in_step():
+    x = clustered(4000, D, n_clusters=24, seed=5)
+    r = pyknn.RefineIndex(pyknn.PQIndex(D, pq_m=8, metric="l2").train(x), k_factor=8)
+    errors, snapshots = [], []
+
+    def writer(t):
+        try:
+            for i in range(10):
+                r.add(x[(t * 10 + i) * 40:(t * 10 + i + 1) * 40])
+                if i % 3 == 0:
+                    snapshots.append(pickle.dumps(r))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert len(r) == len(r.base) == 1600
+    assert sorted(r.ids.tolist()) == sorted(r.base.ids.tolist()) == list(range(1600))
+    for blob in snapshots:
+        c = pickle.loads(blob)
+        assert sorted(c.ids.tolist()) == sorted(c.base.ids.tolist())
+
+
+def test_untrained_add_raises_before_norm_warning():
+    idx = pyknn.IVFPQIndex(D, nlist=4, pq_m=8, metric="ip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="not trained"):
+            idx.add(np.full((2, D), 3.0, np.float32))
 
 
 def test_concurrent_searches_and_adds():

@@ -206,3 +206,40 @@ def test_golden_files_of_other_kinds_load(name, cls, extra, mmap):
     np.testing.assert_allclose(D, [[0.02, 0.82]], rtol=1e-5)
     np.testing.assert_array_equal(idx.get([50]), [[1, 1, 0, 0]])
     assert idx.metadata["model_id"] == "golden"
+
+
+def _section(data, tag):
+    """Offset of the payload of the first section named ``tag`` (4 bytes) in an index file."""
+    at = bytes(data).index(tag + b"\0\0\0\0")
+    return at + 16
+
+
+@pytest.mark.parametrize("make", ["ivf_flat", "ivf_pq", "pq", "flat", "hnsw"])
+def test_valid_checksum_does_not_excuse_bad_contents(make):
+    """A file whose checksum matches (written by a buggy tool, or forged) is still checked:
+    NaN centroids and a negative next default id are FormatErrors, not a broken index."""
+    from conftest import reseal
+    from pyknn.indexes import _from_bytes
+    x = clustered(400, 16, seed=4)
+    idx = {"ivf_flat": lambda: pyknn.IVFFlatIndex(16, nlist=4),
+           "ivf_pq": lambda: pyknn.IVFPQIndex(16, nlist=4, pq_m=4),
+           "pq": lambda: pyknn.PQIndex(16, pq_m=4),
+           "flat": lambda: pyknn.FlatIndex(16), "hnsw": lambda: pyknn.HNSWIndex(16)}[make]()
+    if hasattr(idx, "train"):
+        idx.train(x)
+    idx.add(x)
+    good = idx.to_bytes()
+    assert len(_from_bytes(reseal(good))) == 400
+    data = bytearray(good)
+    at = _section(data, b"NXID")
+    data[at:at + 8] = struct.pack("<q", -5)
+    with pytest.raises(pyknn.FormatError, match="next default id -5 is negative"):
+        _from_bytes(reseal(data))
+    if make in ("flat", "hnsw"):
+        return
+    for tag in (b"CENT", b"PQCT") if make != "ivf_flat" else (b"CENT",):
+        data = bytearray(good)
+        at = _section(data, tag) + 4 * 16 * (1 if tag == b"CENT" and make != "pq" else 0) + 8
+        data[at:at + 4] = struct.pack("<f", float("nan"))
+        with pytest.raises(pyknn.FormatError, match="corrupted index file: .*centroids row .* NaN"):
+            _from_bytes(reseal(data))

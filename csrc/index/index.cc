@@ -68,6 +68,18 @@ void check_finite(const float* x, size_t n, size_t d, const char* what) {
   }
 }
 
+void check_finite_loaded(const float* x, size_t n, size_t d, const char* what) {
+  try {
+    check_finite(x, n, d, what);
+  } catch (const Error& e) {
+    std::string msg = e.what();
+    const std::string tail = "; nothing was changed";
+    if (msg.size() >= tail.size() && msg.compare(msg.size() - tail.size(), tail.size(), tail) == 0)
+      msg.resize(msg.size() - tail.size());
+    throw_format("corrupted index file: " + msg);
+  }
+}
+
 void normalize_rows(const float* x, size_t n, size_t d, float* out, const char* what) {
   // Check every row first so that a failure leaves `out` untouched.
   std::vector<float> inv(n);
@@ -194,7 +206,13 @@ std::vector<int64_t> IdMap::locations_of(const int64_t* ids, size_t n, bool miss
 
 void IdMap::write(Writer& w) const { w.section("NXID", &next_default_, sizeof next_default_); }
 
-void IdMap::read(Reader& r) { r.section("NXID", &next_default_, sizeof next_default_); }
+void IdMap::read(Reader& r) {
+  r.section("NXID", &next_default_, sizeof next_default_);
+  // Default ids are non-negative; a negative counter would hand out -1, the padding id.
+  if (next_default_ < 0)
+    throw_format("corrupted index file: next default id " + std::to_string(next_default_) +
+                 " is negative");
+}
 
 void IdMap::rebuild(const int64_t* ids, const int64_t* locations, size_t n) {
   std::vector<Slot>().swap(slots_);

@@ -24,6 +24,8 @@ constexpr float kMaxSquaredNorm = 8.5e37f;
 // Throws ValueError naming the first row of x (n x d) that holds NaN or Inf, or whose squared norm
 // exceeds kMaxSquaredNorm.
 void check_finite(const float* x, size_t n, size_t d, const char* what);
+// The same test for data read from a file: FormatError ("corrupted index file: ...") instead.
+void check_finite_loaded(const float* x, size_t n, size_t d, const char* what);
 // out[i] = x[i] / ||x[i]|| (out may equal x); throws ValueError naming the first zero row.
 void normalize_rows(const float* x, size_t n, size_t d, float* out, const char* what);
 

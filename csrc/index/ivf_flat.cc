@@ -427,6 +427,7 @@ std::unique_ptr<IVFFlatIndex> IVFFlatIndex::read_body(Reader& r, const FileHeade
   if (cbytes > r.remaining()) throw_format("truncated index file: centroids missing");
   idx->centroids_.resize(cbytes / sizeof(float));
   r.section("CENT", idx->centroids_.data(), cbytes);
+  check_finite_loaded(idx->centroids_.data(), cbytes ? nlist : 0, h.dim, "centroids");
   std::vector<uint64_t> sizes(nlist);
   r.section("LSIZ", sizes.data(), nlist * sizeof(uint64_t));
   uint64_t total = 0;

@@ -676,10 +676,12 @@ std::unique_ptr<IVFPQIndex> IVFPQIndex::read_body(Reader& r, const FileHeader& h
   if (cbytes > r.remaining()) throw_format("truncated index file: centroids missing");
   idx->centroids_.resize(cbytes / sizeof(float));
   r.section("CENT", idx->centroids_.data(), cbytes);
+  check_finite_loaded(idx->centroids_.data(), cbytes ? nlist : 0, h.dim, "coarse centroids");
   const uint64_t pqbytes = p[1] ? (uint64_t(1) << p[4]) * h.dim * sizeof(float) : 0;
   if (pqbytes > r.remaining()) throw_format("truncated index file: quantizer centroids missing");
   std::vector<float> pqc(pqbytes / sizeof(float));
   r.section("PQCT", pqc.data(), pqbytes);
+  check_finite_loaded(pqc.data(), pqc.size() / h.dim, h.dim, "quantizer centroids");
   if (p[1]) idx->pq_.set_centroids(std::move(pqc));
   if (nlist * sizeof(uint64_t) > r.remaining()) throw_format("truncated index file: list sizes missing");
   std::vector<uint64_t> sizes(nlist);

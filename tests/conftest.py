@@ -135,3 +135,21 @@ def reseal(data: bytes) -> bytes:
     """``data`` (an index file, possibly edited) with its trailing checksum recomputed."""
     import struct
     return bytes(data[:-8]) + struct.pack("<Q", xxh64(bytes(data[:-8])))
+
+
+def assert_damage_rejected(load, data: bytes, error, flip: int = 0x41, always=(), cuts=()):
+    """``load`` raises ``error`` for ``data`` with one byte flipped (about 97 places spread over
+    the file, plus every offset in ``always``), cut at each length in ``cuts`` or at a few
+    default places, or with a byte appended."""
+    step = max(1, len(data) // 97)
+    for i in sorted(set(always) | set(range(0, len(data), step))):
+        bad = bytearray(data)
+        bad[i] ^= flip
+        with pytest.raises(error):
+            load(bytes(bad))
+    n = len(data)
+    for cut in tuple(cuts) + (0, 5, n // 3, n // 2, n - 33, n - 1):
+        with pytest.raises(error):
+            load(data[:cut])
+    with pytest.raises(error):
+        load(data + b"x")

@@ -546,8 +546,9 @@ class IVFPQIndex(_Cells, _PQIndexBase):
     nbits : 8 | 4
         Bits per sub-quantizer. 8: 256 centroids per sub-space, float lookup tables. 4: 16
         centroids, "fast scan": codes interleaved in blocks of 32 vectors, tables quantised to
-        8 bits and looked up with byte shuffles (pq_m must be even); the best 2 * max(k, rerank)
-        by the quantised scores are re-scored with the float tables.
+        8 bits and looked up with byte shuffles (pq_m must be even). Without re-ranking the best
+        2k by quantised score are re-scored with the float tables; with ``rerank=R`` the best
+        max(k, R) by quantised score go straight to the exact re-ranking.
     metric : "ip" | "l2" | "cosine"
         As for :class:`FlatIndex` (cosine normalises vectors and queries).
     by_residual : bool

@@ -329,8 +329,11 @@ void IVFPQIndex::search(const float* q, size_t nq, size_t k, size_t nprobe, size
   const bool fast = pq_.nbits() == 4;
   const size_t k_out = k;
   // Candidates kept by ADC (r1), and by the quantised 4-bit scores before float re-scoring (kc).
+  // With exact re-ranking the quantised shortlist goes to it directly (as FAISS's fast scan +
+  // refine does): float re-scoring would cost about as much as the exact scores it feeds.
+  const bool float_rescore = fast && rerank == 0;
   size_t r1 = std::max(k, rerank);
-  size_t kc = fast ? 2 * r1 : r1;
+  size_t kc = float_rescore ? 2 * r1 : r1;
   r1 = std::max<size_t>(1, std::min(r1, ntotal_));
   kc = std::max<size_t>(1, std::min(kc, ntotal_));
 
@@ -460,7 +463,9 @@ void IVFPQIndex::search(const float* q, size_t nq, size_t k, size_t nprobe, size
           hq.push(sj, row0 + static_cast<int64_t>(j));
         }
       }
-      if (fast) {
+      if (fast && !float_rescore) {
+        for (size_t t = 0; t < hq.size; ++t) h.push(qs[t], qr[t]);
+      } else if (fast) {
         // Float ADC of the quantised shortlist.
         for (size_t t = 0; t < hq.size; ++t) {
           const size_t l = list_of(qr[t]), j = offset_of(qr[t]);

@@ -9,9 +9,10 @@
 // nbits = 4 ("fast scan"): codes are stored interleaved in blocks of 32 vectors (see
 // Kernels::pq4_scan); the tables are quantised to uint8 and looked up with byte shuffles, sums in
 // uint16. Each list's sums are screened in uint16 against the threshold of a heap of the best
-// 2 * max(k, rerank) by quantised score (Kernels::select_ge_u16), so most codes cost no scalar
-// work; once the probes are done those candidates are re-scored with the float tables and the
-// best max(k, rerank) by float score are kept.
+// candidates by quantised score (Kernels::select_ge_u16), so most codes cost no scalar work.
+// Without re-ranking that heap holds 2k, re-scored with the float tables once the probes are
+// done (the best k by float score are kept); with re-ranking it holds max(k, rerank), which go
+// to the exact re-ranking directly.
 //
 // Scores (larger is better inside; L2 distances are negated):
 //   ip / cosine, by_residual:  <q, c_l> + sum_m <q_m, r_m[code_m]>     (coarse score + table)

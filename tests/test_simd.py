@@ -56,6 +56,24 @@ def test_packed_gemm(level, d, m, n):
 
 
 @pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("d", DIMS)
+def test_gather(level, d):
+    # Rows by index, in a shuffled order with repeats and a count that is not a multiple of 4.
+    x = _data(11, d, d + 7)
+    q = _data(1, d, d + 8)[0]
+    idx = np.array([3, 0, 10, 3, 7, 1, 9, 9, 2, 5, 4, 8, 6], dtype=np.uint32)
+    xs = x[idx].astype(np.float64)
+    ref_dot = xs @ q.astype(np.float64)
+    ref_l2 = ((xs - q) ** 2).sum(1)
+    scale = (np.abs(xs) @ np.abs(q).astype(np.float64)).max()
+    for m in (0, 1, 4, 5, len(idx)):
+        np.testing.assert_allclose(_core._kernel_gather(level, False, q, x, idx[:m]), ref_dot[:m],
+                                   rtol=0, atol=_tol(ref_dot, d, scale))
+        np.testing.assert_allclose(_core._kernel_gather(level, True, q, x, idx[:m]), ref_l2[:m],
+                                   rtol=1e-5 * np.sqrt(d))
+
+
+@pytest.mark.parametrize("level", LEVELS)
 def test_select_ge(level):
     rng = np.random.default_rng(3)
     for n in (0, 1, 63, 64, 65, 200, 1000):

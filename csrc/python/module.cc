@@ -51,6 +51,18 @@ void bind_kernel_hooks(py::module_& m) {
     K.l2sq_many(q.data(), x.data(), n, d, out.mutable_data());
     return out;
   });
+  // Rows of x picked by idx (any order, repeats allowed), as the graph search gathers them.
+  m.def("_kernel_gather", [](const std::string& level, bool l2, FloatArray q, FloatArray x,
+                             py::array_t<uint32_t, py::array::c_style | py::array::forcecast> idx) {
+    const simd::Kernels& K = kernels_named(level);
+    size_t d = static_cast<size_t>(q.shape(0)), n = rows_checked(x, d, "x");
+    const size_t m = static_cast<size_t>(idx.size());
+    for (size_t i = 0; i < m; ++i)
+      if (idx.data()[i] >= n) throw_value("gather index out of range");
+    py::array_t<float> out(m);
+    (l2 ? K.l2sq_gather : K.dot_gather)(q.data(), x.data(), idx.data(), m, d, out.mutable_data());
+    return out;
+  });
   m.def("_kernel_dot", [](const std::string& level, FloatArray a, FloatArray b) {
     return kernels_named(level).dot(a.data(), b.data(), static_cast<size_t>(a.shape(0)));
   });

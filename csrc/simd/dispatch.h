@@ -47,6 +47,12 @@ struct Kernels {
   // Writes the positions j < n with s[j] >= thr to idx in ascending order; returns their count
   // (the integer screen of the 4-bit scan sums).
   size_t (*select_ge_u16)(const uint16_t* s, size_t n, uint32_t thr, uint32_t* idx);
+  // One query against n rows chosen by index: out[i] = <q, x> or ||q - x||^2 for
+  // x = base + idx[i] * d (the neighbours of a graph node).
+  void (*dot_gather)(const float* q, const float* base, const uint32_t* idx, size_t n, size_t d,
+                     float* out);
+  void (*l2sq_gather)(const float* q, const float* base, const uint32_t* idx, size_t n,
+                      size_t d, float* out);
 };
 
 inline size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }

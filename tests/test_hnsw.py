@@ -62,6 +62,17 @@ def test_recall_against_exact(simd_level, metric):
     assert (np.diff(D, axis=1) >= 0).all() if metric == "l2" else (np.diff(D, axis=1) <= 0).all()
 
 
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 3e3, 1e6])
+def test_bulk_build_at_any_magnitude(simd_level, scale):
+    """A bulk add is inserted against half-precision copies of the rows where the data's
+    magnitudes allow it (1 and 3e3 here, at the AVX2 and AVX-512 levels) and against the float32
+    rows otherwise: the graph is as good at every scale."""
+    x = lowdim(4500) * np.float32(scale)
+    q = lowdim(200, seed=11) * np.float32(scale)
+    for metric in ("l2", "ip"):
+        assert recall(build(x, metric), x, q, metric, ef_search=64) >= 0.95
+
+
 def test_recall_grows_with_ef_and_ef_default():
     x = clustered(4000, 32, seed=3)
     q = clustered(300, 32, seed=4)

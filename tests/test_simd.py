@@ -74,6 +74,47 @@ def test_gather(level, d):
 
 
 @pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("d", DIMS)
+def test_gather_half(level, d):
+    # Graph construction reads half-precision rows: the products must be those of the rounded rows.
+    x = _data(11, d, d + 17)
+    q = _data(1, d, d + 18)[0]
+    xh = x.astype(np.float16)
+    idx = np.array([3, 0, 10, 3, 7, 1, 9, 9, 2, 5, 4, 8, 6], dtype=np.uint32)
+    if _core._kernel_gather_half(level, False, q, xh.view(np.uint16), idx) is None:
+        assert level == "scalar"  # the portable level has no F16C: construction reads float32
+        return
+    xs = xh[idx].astype(np.float64)
+    ref_dot = xs @ q.astype(np.float64)
+    ref_l2 = ((xs - q) ** 2).sum(1)
+    scale = (np.abs(xs) @ np.abs(q).astype(np.float64)).max()
+    for m in (0, 1, 4, 5, len(idx)):
+        got = _core._kernel_gather_half(level, False, q, xh.view(np.uint16), idx[:m])
+        np.testing.assert_allclose(got, ref_dot[:m], rtol=0, atol=_tol(ref_dot, d, scale))
+        got = _core._kernel_gather_half(level, True, q, xh.view(np.uint16), idx[:m])
+        np.testing.assert_allclose(got, ref_l2[:m], rtol=1e-5 * np.sqrt(d))
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_half_round_trip(level):
+    rng = np.random.default_rng(5)
+    for n in (0, 1, 15, 16, 17, 100, 1000):
+        x = (rng.standard_normal(n) * 100).astype(np.float32)
+        if n > 3:
+            x[:3] = [65504.0, -70000.0, 1e-8]  # largest half, overflow, underflow to subnormal
+        r = _core._kernel_half_round_trip(level, x)
+        if r is None:
+            assert level == "scalar"
+            return
+        h, mx, back = r
+        with np.errstate(over="ignore"):  # -70000 becomes -inf, as in the kernel
+            ref = x.astype(np.float16)
+        np.testing.assert_array_equal(h, ref.view(np.uint16))
+        np.testing.assert_array_equal(back, ref.astype(np.float32))
+        assert mx == (np.abs(x).max() if n else 0.0)
+
+
+@pytest.mark.parametrize("level", LEVELS)
 def test_select_ge(level):
     rng = np.random.default_rng(3)
     for n in (0, 1, 63, 64, 65, 200, 1000):

@@ -63,6 +63,36 @@ void bind_kernel_hooks(py::module_& m) {
     (l2 ? K.l2sq_gather : K.dot_gather)(q.data(), x.data(), idx.data(), m, d, out.mutable_data());
     return out;
   });
+  // Half-precision rows (uint16 bit patterns, as numpy's float16.view(uint16)); None at levels
+  // without them.
+  m.def("_kernel_gather_half", [](const std::string& level, bool l2, FloatArray q,
+                                  py::array_t<uint16_t, py::array::c_style | py::array::forcecast> x,
+                                  py::array_t<uint32_t, py::array::c_style | py::array::forcecast> idx)
+            -> py::object {
+    const simd::Kernels& K = kernels_named(level);
+    if (!K.dot_gather_h) return py::none();
+    const size_t d = static_cast<size_t>(q.shape(0));
+    if (x.ndim() != 2 || static_cast<size_t>(x.shape(1)) != d) throw_value("x must be n x d");
+    const size_t n = static_cast<size_t>(x.shape(0)), m = static_cast<size_t>(idx.size());
+    for (size_t i = 0; i < m; ++i)
+      if (idx.data()[i] >= n) throw_value("gather index out of range");
+    py::array_t<float> out(m);
+    (l2 ? K.l2sq_gather_h : K.dot_gather_h)(q.data(), x.data(), idx.data(), m, d,
+                                            out.mutable_data());
+    return std::move(out);
+  });
+  // (x rounded to half precision as uint16, max |x|) and the widened round trip; None at levels
+  // without half kernels.
+  m.def("_kernel_half_round_trip", [](const std::string& level, FloatArray x) -> py::object {
+    const simd::Kernels& K = kernels_named(level);
+    if (!K.to_half) return py::none();
+    const size_t n = static_cast<size_t>(x.size());
+    py::array_t<uint16_t> h(n);
+    py::array_t<float> back(n);
+    const float mx = K.to_half(x.data(), n, h.mutable_data());
+    K.from_half(h.data(), n, back.mutable_data());
+    return py::make_tuple(h, mx, back);
+  });
   m.def("_kernel_dot", [](const std::string& level, FloatArray a, FloatArray b) {
     return kernels_named(level).dot(a.data(), b.data(), static_cast<size_t>(a.shape(0)));
   });

@@ -53,6 +53,17 @@ struct Kernels {
                      float* out);
   void (*l2sq_gather)(const float* q, const float* base, const uint32_t* idx, size_t n,
                       size_t d, float* out);
+  // The same against half-precision rows (IEEE binary16 bit patterns); null at levels without
+  // F16C, where callers use the float32 rows.
+  void (*dot_gather_h)(const float* q, const uint16_t* base, const uint32_t* idx, size_t n,
+                       size_t d, float* out);
+  void (*l2sq_gather_h)(const float* q, const uint16_t* base, const uint32_t* idx, size_t n,
+                        size_t d, float* out);
+  // out[i] = x[i] rounded to half precision (nearest even); returns max |x[i]| (inf when any
+  // value is beyond the half range). Null where gather_h is null.
+  float (*to_half)(const float* x, size_t n, uint16_t* out);
+  // out[i] = x[i] widened to float32. Null where gather_h is null.
+  void (*from_half)(const uint16_t* x, size_t n, float* out);
 };
 
 inline size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }

@@ -189,6 +189,116 @@ void gather(const float* q, const float* base, const uint32_t* idx, size_t n, si
   }
 }
 
+#if defined(__F16C__)
+// Half-precision rows (graph construction reads them: half the bytes of a float32 row, and
+// construction is bound by fetching rows from memory). The query stays float32.
+inline V load_h(const uint16_t* p) {
+#if PYKNN_VW == 16
+  const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#else
+  const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#endif
+  V r;
+  __builtin_memcpy(&r, &v, sizeof(V));
+  return r;
+}
+
+template <bool L2>
+void gather_h(const float* q, const uint16_t* base, const uint32_t* idx, size_t n, size_t d,
+              float* out) {
+  float tail[4];
+  for (size_t i = 0; i < n; i += 4) {
+    const size_t rows = n - i < 4 ? n - i : 4;
+    float* o = rows == 4 ? out + i : tail;
+    const uint16_t* x[4];
+    for (size_t r = 0; r < 4; ++r)
+      x[r] = base + static_cast<size_t>(idx[i + (r < rows ? r : rows - 1)]) * d;
+    V a[4][2];
+    for (int r = 0; r < 4; ++r) a[r][0] = a[r][1] = zero();
+    size_t k = 0;
+    for (; k + 2 * W <= d; k += 2 * W) {
+      const V q0 = load(q + k), q1 = load(q + k + W);
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        if (L2) {
+          const V t0 = q0 - load_h(x[r] + k), t1 = q1 - load_h(x[r] + k + W);
+          a[r][0] += t0 * t0;
+          a[r][1] += t1 * t1;
+        } else {
+          a[r][0] += q0 * load_h(x[r] + k);
+          a[r][1] += q1 * load_h(x[r] + k + W);
+        }
+      }
+    }
+    for (int r = 0; r < 4; ++r) {
+      float s = hsum(a[r][0] + a[r][1]);
+      for (size_t j = k; j < d; ++j) {
+        const float v = _cvtsh_ss(x[r][j]);
+        if (L2) {
+          const float t = q[j] - v;
+          s += t * t;
+        } else {
+          s += q[j] * v;
+        }
+      }
+      o[r] = s;
+    }
+    if (rows < 4)
+      for (size_t r = 0; r < rows; ++r) out[i + r] = tail[r];
+  }
+}
+
+void dot_gather_h(const float* q, const uint16_t* base, const uint32_t* idx, size_t n, size_t d,
+                  float* out) {
+  gather_h<false>(q, base, idx, n, d, out);
+}
+void l2sq_gather_h(const float* q, const uint16_t* base, const uint32_t* idx, size_t n,
+                   size_t d, float* out) {
+  gather_h<true>(q, base, idx, n, d, out);
+}
+
+// Rounds n floats to half precision (nearest even); returns the largest magnitude seen (inf
+// if any value overflows the half range).
+float to_half(const float* x, size_t n, uint16_t* out) {
+  V m = zero();
+  size_t i = 0;
+  for (; i + W <= n; i += W) {
+    const V v = load(x + i);
+    const V a = v < zero() ? -v : v;
+    m = a > m ? a : m;
+#if PYKNN_VW == 16
+    __m512 t;
+    __builtin_memcpy(&t, &v, sizeof(V));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        _mm512_cvtps_ph(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+    __m256 t;
+    __builtin_memcpy(&t, &v, sizeof(V));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm256_cvtps_ph(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+  }
+  float mx = 0.f;
+  for (int j = 0; j < W; ++j) mx = m[j] > mx ? m[j] : mx;
+  for (; i < n; ++i) {
+    out[i] = _cvtss_sh(x[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const float a = x[i] < 0.f ? -x[i] : x[i];
+    mx = a > mx ? a : mx;
+  }
+  return mx;
+}
+// out[i] = x[i] widened to float32.
+void from_half(const uint16_t* x, size_t n, float* out) {
+  size_t i = 0;
+  for (; i + W <= n; i += W) store(out + i, load_h(x + i));
+  for (; i < n; ++i) out[i] = _cvtsh_ss(x[i]);
+}
+#define PYKNN_HALF_KERNELS dot_gather_h, l2sq_gather_h, to_half, from_half
+#else
+// Without F16C (the portable level) construction reads the float32 rows.
+#define PYKNN_HALF_KERNELS nullptr, nullptr, nullptr, nullptr
+#endif
+
 void dot_gather(const float* q, const float* base, const uint32_t* idx, size_t n, size_t d,
                 float* out) {
   gather<false>(q, base, idx, n, d, out);
@@ -485,7 +595,7 @@ size_t select_ge_u16(const uint16_t* s, size_t n, uint32_t thr, uint32_t* idx) {
 
 const Kernels table = {PYKNN_LEVEL_NAME, MR, NR, dot, l2sq, dot_many, l2sq_many, norms_sq,
                        pack, gemm, select_ge, max_of, pq8_scan, pq4_scan, select_ge_u16,
-                       dot_gather, l2sq_gather};
+                       dot_gather, l2sq_gather, PYKNN_HALF_KERNELS};
 
 }  // namespace
 }  // namespace PYKNN_KNS

@@ -113,3 +113,31 @@ def test_magnitude_and_shape_limits():
     km = KMeans(2, n_iter=2).fit(x)
     with pytest.raises(ValueError, match="squared norm"):
         km.predict(x[:3] * 1e20)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 4, 7, 8, 15, 16, 17, 32])
+def test_assignment_matches_brute_force(simd_level, d):
+    """Nearest centroid against float64 brute force, on the direct path of small dimensions
+    (product-quantizer sub-spaces, d <= 16) and the matrix-product path beyond; ties (here a
+    repeated centroid) go to the smaller index."""
+    from pyknn import _core
+
+    rng = np.random.default_rng(d)
+    x = rng.standard_normal((1003, d)).astype(np.float32)
+    for k in (1, 5, 16, 33, 256):
+        c = rng.standard_normal((k, d)).astype(np.float32)
+        if k > 2:
+            c[k - 1] = c[1]
+        for ip in (False, True):
+            labels, scores = _core.kmeans_assign(x, c, ip)
+            xd, cd = x.astype(np.float64), c.astype(np.float64)
+            s = xd @ cd.T if ip else ((xd[:, None, :] - cd[None]) ** 2).sum(-1)
+            ref = s.argmax(1) if ip else s.argmin(1)
+            chosen = s[np.arange(len(x)), labels]
+            best = s[np.arange(len(x)), ref]
+            tol = 1e-5 * (1 + np.abs(best))
+            # Same centroid, or one whose score equals the best within float32 rounding.
+            assert (np.abs(chosen - best) <= tol).all()
+            assert (labels == ref).mean() > 0.99
+            assert (labels != k - 1).all() or k <= 2
+            np.testing.assert_allclose(scores, best, rtol=1e-4, atol=1e-4)

@@ -150,10 +150,33 @@ void split_empty(std::vector<size_t>& count, size_t d, bool spherical, float* ce
   }
 }
 
+// kmeans_assign computes scores directly up to this dimension (see nearest_small).
+constexpr size_t kSmallDim = 16;
+constexpr size_t kSmallMaxK = size_t(1) << 16;
+
 }  // namespace
 
 void kmeans_assign(const float* x, size_t n, size_t d, const float* centroids, size_t k,
                    bool inner_product, int64_t* labels, float* scores, const float* x_norms) {
+  if (d <= kSmallDim && k <= kSmallMaxK) {
+    // Small dimension (product-quantizer sub-spaces): scores computed directly, exactly, in
+    // chunks of points over the threads.
+    const simd::Kernels& K = simd::kernels();
+    const size_t w = static_cast<size_t>(K.nr) / 2, kp = (k + w - 1) / w * w;
+    std::vector<float> ct(d * kp, 0.f), init(kp, 0.f);
+    for (size_t c = 0; c < k; ++c)
+      for (size_t j = 0; j < d; ++j) ct[j * kp + c] = centroids[c * d + j];
+    const float pad = inner_product ? -std::numeric_limits<float>::infinity()
+                                    : std::numeric_limits<float>::infinity();
+    for (size_t c = k; c < kp; ++c) init[c] = pad;
+    constexpr size_t kChunk = 1024;
+    parallel_for((n + kChunk - 1) / kChunk, [&](size_t t) {
+      const size_t i0 = t * kChunk, m = std::min(kChunk, n - i0);
+      K.nearest_small(x + i0 * d, m, d, ct.data(), init.data(), kp, inner_product, labels + i0,
+                      scores + i0);
+    });
+    return;
+  }
   ExactSearchInput in;
   in.x = centroids;
   in.n = k;

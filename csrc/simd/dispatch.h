@@ -64,6 +64,12 @@ struct Kernels {
   float (*to_half)(const float* x, size_t n, uint16_t* out);
   // out[i] = x[i] widened to float32. Null where gather_h is null.
   void (*from_half)(const uint16_t* x, size_t n, float* out);
+  // Nearest of the centroids for n points of small dimension d, directly (no matrix product):
+  // ct is d x kp dimension-major (kp a multiple of nr / 2), init the kp starting scores (0, or
+  // +inf / -inf for padding columns). labels[i], best[i]: the index and ||x - c||^2, or with ip
+  // the largest <x, c>; ties go to the smaller index.
+  void (*nearest_small)(const float* x, size_t n, size_t d, const float* ct, const float* init,
+                        size_t kp, bool ip, int64_t* labels, float* best);
 };
 
 inline size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }

@@ -189,6 +189,95 @@ void gather(const float* q, const float* base, const uint32_t* idx, size_t n, si
   }
 }
 
+// P points at a time share each load of a centroid block; D is a compile-time dimension so
+// that the loop over it unrolls.
+template <int D, int P, bool IP>
+inline void nearest_p(const float* x, const float* ct, const float* init, size_t kp,
+                      int64_t* labels, float* best) {
+  typedef int32_t IV __attribute__((vector_size(W * sizeof(int32_t))));
+  IV lane;
+  for (int l = 0; l < W; ++l) lane[l] = l;
+  V bv[P];
+  IV bi[P];
+  for (int p = 0; p < P; ++p) {
+    bv[p] = zero() + (IP ? -__builtin_inff() : __builtin_inff());
+    bi[p] = lane;
+  }
+  for (size_t c0 = 0; c0 < kp; c0 += W) {
+    V a[P];
+    const V a0 = load(init + c0);
+    for (int p = 0; p < P; ++p) a[p] = a0;
+#pragma GCC unroll 16
+    for (int j = 0; j < D; ++j) {
+      const V c = load(ct + j * kp + c0);
+#pragma GCC unroll 4
+      for (int p = 0; p < P; ++p) {
+        if (IP) {
+          a[p] += x[p * D + j] * c;
+        } else {
+          const V t = x[p * D + j] - c;
+          a[p] += t * t;
+        }
+      }
+    }
+    const IV lc = lane + static_cast<int32_t>(c0);
+    for (int p = 0; p < P; ++p) {
+      const IV better = IP ? a[p] > bv[p] : a[p] < bv[p];
+      bv[p] = better ? a[p] : bv[p];
+      bi[p] = better ? lc : bi[p];
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    float b = bv[p][0];
+    int32_t bidx = bi[p][0];
+    for (int l = 1; l < W; ++l) {
+      const float v = bv[p][l];
+      const bool take = (IP ? v > b : v < b) || (v == b && bi[p][l] < bidx);
+      if (take) {
+        b = v;
+        bidx = bi[p][l];
+      }
+    }
+    labels[p] = bidx;
+    best[p] = b;
+  }
+}
+
+template <int D, bool IP>
+void nearest_d(const float* x, size_t n, const float* ct, const float* init, size_t kp,
+               int64_t* labels, float* best) {
+  size_t i = 0;
+  for (; i + 4 <= n; i += 4) nearest_p<D, 4, IP>(x + i * D, ct, init, kp, labels + i, best + i);
+  for (; i < n; ++i) nearest_p<D, 1, IP>(x + i * D, ct, init, kp, labels + i, best + i);
+}
+
+template <int D>
+void nearest_ip(const float* x, size_t n, const float* ct, const float* init, size_t kp, bool ip,
+                int64_t* labels, float* best) {
+  if (ip) nearest_d<D, true>(x, n, ct, init, kp, labels, best);
+  else nearest_d<D, false>(x, n, ct, init, kp, labels, best);
+}
+
+// Nearest centroid of each of n points of small dimension d (1..16: product-quantizer
+// sub-spaces, k-means on them), computed directly rather than through the matrix product: at
+// such d the product's packing and the screening of the expanded L2 form cost more than the
+// arithmetic. ct holds the centroids dimension-major (d rows of kp floats, kp a multiple of W);
+// init holds kp starting scores (0 for real centroids, +inf (L2) or -inf (ip) for padding).
+// Scores are ||x - c||^2 (smallest wins) or <x, c> (largest wins); ties go to the smaller index.
+void nearest_small(const float* x, size_t n, size_t d, const float* ct, const float* init,
+                   size_t kp, bool ip, int64_t* labels, float* best) {
+  switch (d) {
+#define PYKNN_NEAREST_CASE(D) \
+  case D: nearest_ip<D>(x, n, ct, init, kp, ip, labels, best); break;
+    PYKNN_NEAREST_CASE(1) PYKNN_NEAREST_CASE(2) PYKNN_NEAREST_CASE(3) PYKNN_NEAREST_CASE(4)
+    PYKNN_NEAREST_CASE(5) PYKNN_NEAREST_CASE(6) PYKNN_NEAREST_CASE(7) PYKNN_NEAREST_CASE(8)
+    PYKNN_NEAREST_CASE(9) PYKNN_NEAREST_CASE(10) PYKNN_NEAREST_CASE(11) PYKNN_NEAREST_CASE(12)
+    PYKNN_NEAREST_CASE(13) PYKNN_NEAREST_CASE(14) PYKNN_NEAREST_CASE(15) PYKNN_NEAREST_CASE(16)
+#undef PYKNN_NEAREST_CASE
+    default: break;  // callers use the matrix product beyond 16
+  }
+}
+
 #if defined(__F16C__)
 // Half-precision rows (graph construction reads them: half the bytes of a float32 row, and
 // construction is bound by fetching rows from memory). The query stays float32.
@@ -595,7 +684,7 @@ size_t select_ge_u16(const uint16_t* s, size_t n, uint32_t thr, uint32_t* idx) {
 
 const Kernels table = {PYKNN_LEVEL_NAME, MR, NR, dot, l2sq, dot_many, l2sq_many, norms_sq,
                        pack, gemm, select_ge, max_of, pq8_scan, pq4_scan, select_ge_u16,
-                       dot_gather, l2sq_gather, PYKNN_HALF_KERNELS};
+                       dot_gather, l2sq_gather, PYKNN_HALF_KERNELS, nearest_small};
 
 }  // namespace
 }  // namespace PYKNN_KNS

@@ -58,8 +58,8 @@ def _model_missing():
 
 
 @pytest.fixture(scope="session")
-def minilm():
-    """The real all-MiniLM-L6-v2 embedder, loaded once per test session, offline."""
+def model_available():
+    """Skips (or, with PYKNN_REQUIRE_MODEL set, fails) where the real model cannot be loaded."""
     import os
     reason = _model_missing()
     if reason:
@@ -68,6 +68,11 @@ def minilm():
         pytest.skip(reason)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def minilm(model_available):
+    """The real all-MiniLM-L6-v2 embedder, loaded once per test session, offline."""
     from pyknn.embed import load_minilm
     return load_minilm()
 

@@ -285,7 +285,7 @@ def test_openai_rejects_bad_response_indices(indices):
 
 
 @model
-def test_load_minilm_prints_no_progress_bar(capfd):
+def test_load_minilm_prints_no_progress_bar(capfd, model_available):
     from pyknn.embed import load_minilm
     load_minilm()
     assert "Loading weights" not in capfd.readouterr().err

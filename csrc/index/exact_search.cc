@@ -18,6 +18,8 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr size_t kGemmMinQueries = 4;
 // Scores screened per select_ge call: the threshold is refreshed between chunks.
 constexpr size_t kScanChunk = 128;
+// ScoreScan::ip selects the k-th best by nth_element from this k on (see there).
+constexpr size_t kSelectMinK = 32;
 // Work (multiply-adds) below which waking the pool costs more than it saves.
 constexpr double kMinParallelWork = 1 << 20;
 
@@ -40,6 +42,10 @@ Plan make_plan(size_t n, size_t nqb, size_t d, size_t nb) {
   const size_t nblocks = (n + nb - 1) / nb;
   Plan p;
   p.splits_rows = std::max<size_t>(1, std::min(threads, nblocks));
+  // A few blocks of rows (coarse quantizers, k-means centroids) against many queries: split the
+  // queries only. Packing the rows once per thread costs little there, and each query then has
+  // one heap (no merge of per-split heaps, which with a large k costs as much as the scan).
+  if (nblocks <= 4 && nqb >= 16 * threads) p.splits_rows = 1;
   p.splits_queries = std::min(nqb, (threads + p.splits_rows - 1) / p.splits_rows);
   p.splits_queries = std::max<size_t>(1, p.splits_queries);
   return p;
@@ -207,6 +213,17 @@ void ScoreScan::ip(TopK& h, const float* s, size_t m, int64_t row0, const uint8_
     if (K->select_ge(s, m, mx, idx)) h.push(mx, row0 + idx[0]);
     return;
   }
+  if (h.size == 0 && !mask && h.k >= kSelectMinK && m >= 2 * h.k) {
+    // A large k from an empty heap (the cells an IVF search probes): find the k-th best score
+    // by selection and push only the rows at or above it, instead of pushing rows that a
+    // loose early threshold lets in only to evict them.
+    thread_local std::vector<float> tmp;
+    tmp.assign(s, s + m);
+    std::nth_element(tmp.begin(), tmp.begin() + static_cast<ptrdiff_t>(m - h.k), tmp.end());
+    const size_t c = K->select_ge(s, m, tmp[m - h.k], idx);
+    for (size_t i = 0; i < c; ++i) h.push(s[idx[i]], row0 + static_cast<int64_t>(idx[i]));
+    return;
+  }
   size_t j = 0;
   for (; j < m && h.size < h.k; ++j)  // until the heap is full every row is a candidate
     if (!mask || mask[j]) h.push(s[j], row0 + static_cast<int64_t>(j));
@@ -307,18 +324,22 @@ void exact_knn(const ExactSearchInput& in, const float* q, size_t nq, size_t k, 
     b.heap_sizes.assign(S * nqb, 0);
     parallel_for(S * b.plan.splits_queries, [&](size_t task) { b.run_task(task); });
 
-    // Merge the splits' heaps straight into the output, best first.
-    for (size_t qi = 0; qi < nqb; ++qi) {
-      float* os = scores + (qb0 + qi) * k;
-      int64_t* orow = rows + (qb0 + qi) * k;
-      TopK out(os, orow, k);
-      for (size_t s = 0; s < S; ++s) {
-        TopK h = b.heap(s, qi);
-        for (size_t j = 0; j < h.size; ++j) out.push(h.s[j], h.r[j]);
+    // Merge the splits' heaps straight into the output, best first (over the threads: with a
+    // large k, e.g. the cells an IVF batch probes, the merge costs as much as the scan).
+    constexpr size_t kMergeChunk = 32;
+    parallel_for((nqb + kMergeChunk - 1) / kMergeChunk, [&](size_t c) {
+      for (size_t qi = c * kMergeChunk; qi < std::min(nqb, (c + 1) * kMergeChunk); ++qi) {
+        float* os = scores + (qb0 + qi) * k;
+        int64_t* orow = rows + (qb0 + qi) * k;
+        TopK out(os, orow, k);
+        for (size_t s = 0; s < S; ++s) {
+          TopK h = b.heap(s, qi);
+          for (size_t j = 0; j < h.size; ++j) out.push(h.s[j], h.r[j]);
+        }
+        out.sort_best_first();
+        pad(os, orow, out.size, k);
       }
-      out.sort_best_first();
-      pad(os, orow, out.size, k);
-    }
+    });
   }
 }
 

@@ -41,7 +41,7 @@ struct ScoreScan {
   size_t d;
   double gamma;  // l2_error_factor(d)
 
-  // s: final scores, larger is better.
+  // s: final scores, larger is better. idx: scratch for m positions (both functions).
   void ip(TopK& h, const float* s, size_t m, int64_t row0, const uint8_t* mask,
           uint32_t* idx) const;
   // ip: inner products with the m rows x (row-major), xn: their squared norms, qv/qn: the query

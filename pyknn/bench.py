@@ -760,61 +760,79 @@ def run(data, specs: Optional[Sequence[IndexSpec]] = None, *, k: int = 10,
         "metric": data.metric, "threads": threads, "batch_size": data.nq,
         "simd": _simd.simd_level(), "pyknn_version": __version__, "cpu": cpu_model(),
     }
+    runnable = []
+    for spec in specs:
+        if spec.requires:
+            try:
+                importlib.import_module(spec.requires)
+            except ImportError:
+                _note(progress, f"skipping {spec.name}: {spec.requires} is not installed "
+                                f"(pip install {spec.install or spec.requires})")
+                continue
+        runnable.append(spec)
+    families = list(dict.fromkeys(spec.family for spec in runnable))
     results = []
     previous_threads = _simd.num_threads()
     try:
-        for spec in specs:
-            if spec.requires:
-                try:
-                    importlib.import_module(spec.requires)
-                except ImportError:
-                    _note(progress, f"skipping {spec.name}: {spec.requires} is not installed "
-                                    f"(pip install {spec.install or spec.requires})")
-                    continue
-            results += _run_spec(spec, data, k, threads, repeats, single_queries, progress, context)
+        for family in families:
+            results += _run_family([s for s in runnable if s.family == family], data, k, threads,
+                                   repeats, single_queries, progress, context)
     finally:
         _simd.set_num_threads(previous_threads)
     return results
 
 
-def _run_spec(spec, data, k, threads, repeats, single_queries, progress, context):
-    with _step(progress, f"building {spec.name}") as built:
-        index = spec.build_index(data, threads)
-    memory = spec.memory(index, data)
-    rows = []
+def _run_family(specs, data, k, threads, repeats, single_queries, progress, context):
+    """Builds every index of one family, then measures their sweeps interleaved (setting i of
+    each index, then setting i + 1 ...), so that a change in the machine's load during the run
+    falls on all libraries alike rather than on whichever ran at the time."""
+    built = []
+    for spec in specs:
+        with _step(progress, f"building {spec.name}") as b:
+            index = spec.build_index(data, threads)
+        built.append((spec, index, b.seconds, spec.memory(index, data), []))
+    for i in range(max(len(spec.settings) for spec in specs)):
+        for spec, index, build_s, memory, rows in built:
+            if i < len(spec.settings):
+                rows.append(_measure(spec, index, spec.settings[i], build_s, memory, data, k,
+                                     threads, repeats, single_queries, progress, context))
+    results = [row for *_, rows in built for row in rows]
+    del built, index
+    return results
+
+
+def _measure(spec, index, setting, build_s, memory, data, k, threads, repeats, single_queries,
+             progress, context):
     # Show the values "auto" resolved to (e.g. nlist=1024), not "auto".
     build_params = _resolve_params(data, spec.params)
-    for setting in spec.settings:
-        params = {**build_params, **setting}
-        label = " ".join([spec.name] + [f"{key}={value}" for key, value in params.items()])
+    params = {**build_params, **setting}
+    label = " ".join([spec.name] + [f"{key}={value}" for key, value in params.items()])
 
-        def search(q, setting=setting):
-            return spec.search(index, q, k, threads, **setting)
+    def search(q):
+        return spec.search(index, q, k, threads, **setting)
 
-        with _step(progress, f"searching {label} ({data.nq} queries, best of {repeats})"), \
-                _BackgroundLoad() as load:
-            ids, seconds = _batch_seconds(search, data.queries, repeats)
-            latency = _latency_ms(search, data.queries, single_queries)
-        ndcg = mrr = None
-        if data.qrels is not None:
-            ndcg = ndcg_at_k(ids, data.qrels, RANK_CUTOFF)
-            mrr = mrr_at_k(ids, data.qrels, RANK_CUTOFF)
-        rows.append({
-            "index": spec.name, "library": spec.library, "family": spec.family,
-            "params": params, "build_params": build_params, "search_params": dict(setting),
-            "k": k, "recall": _finite(recall_at_k(ids, data.gt_ids, k)),
-            "ndcg": _finite(ndcg), "mrr": _finite(mrr),
-            "qps": data.nq / seconds, "batch_seconds": seconds,
-            "p50_ms": latency[0] if latency else None, "p99_ms": latency[1] if latency else None,
-            "latency_queries": min(single_queries, data.nq),
-            "build_s": built.seconds,
-            "bytes_per_vec": None if memory is None else memory / data.n,
-            "memory_note": spec.memory_note,
-            "background_load": load.share,
-            **context,
-        })
-    del index
-    return rows
+    with _step(progress, f"searching {label} ({data.nq} queries, best of {repeats})"), \
+            _BackgroundLoad() as load:
+        ids, seconds = _batch_seconds(search, data.queries, repeats)
+        latency = _latency_ms(search, data.queries, single_queries)
+    ndcg = mrr = None
+    if data.qrels is not None:
+        ndcg = ndcg_at_k(ids, data.qrels, RANK_CUTOFF)
+        mrr = mrr_at_k(ids, data.qrels, RANK_CUTOFF)
+    return {
+        "index": spec.name, "library": spec.library, "family": spec.family,
+        "params": params, "build_params": build_params, "search_params": dict(setting),
+        "k": k, "recall": _finite(recall_at_k(ids, data.gt_ids, k)),
+        "ndcg": _finite(ndcg), "mrr": _finite(mrr),
+        "qps": data.nq / seconds, "batch_seconds": seconds,
+        "p50_ms": latency[0] if latency else None, "p99_ms": latency[1] if latency else None,
+        "latency_queries": min(single_queries, data.nq),
+        "build_s": build_s,
+        "bytes_per_vec": None if memory is None else memory / data.n,
+        "memory_note": spec.memory_note,
+        "background_load": load.share,
+        **context,
+    }
 
 
 # --------------------------------------------------------------------------- reports

@@ -31,6 +31,9 @@ def main(argv=None):
     p.add_argument("--stages", default="flat,hnsw")
     p.add_argument("--rerank", type=int, default=100)
     p.add_argument("--ef-search", type=int, default=128)
+    p.add_argument("--nprobe", type=int, default=64,
+                   help="cells probed by the ivfpq first stage (nlist 1024, 4-bit codes, "
+                        "search_dim / 2 sub-quantizers)")
     p.add_argument("--store-dtype", default="float32,float16")
     p.add_argument("--repeats", type=int, default=2)
     a = p.parse_args(argv)
@@ -60,18 +63,24 @@ def main(argv=None):
     for stage in a.stages.split(","):
         for sd in [int(x) for x in a.dims.split(",")]:
             for dt in a.store_dtype.split(","):
-                params = {"M": 16, "ef_construction": 200} if stage == "hnsw" else {}
+                params = {"hnsw": {"M": 16, "ef_construction": 200},
+                          "ivfpq": {"nlist": 1024, "pq_m": sd // 2, "nbits": 4,
+                                    "by_residual": False}}.get(stage, {})
                 m = MatryoshkaIndex(dim, search_dim=sd, first_stage=stage, rerank=a.rerank,
                                     store_dtype=dt, **params)
                 t0 = time.perf_counter()
+                if stage == "ivfpq":
+                    m.train(base)
                 m.add(base)
                 build = time.perf_counter() - t0
-                kw = {"ef_search": a.ef_search} if stage == "hnsw" else {}
+                kw = ({"ef_search": a.ef_search} if stage == "hnsw" else
+                      {"nprobe": a.nprobe} if stage == "ivfpq" else {})
                 I, qps = timed_search(lambda: m.search(q, 10, **kw)[1])
                 # The first stage alone (no re-ranking): what the prefix gives by itself.
                 _, rowsI = m.first_stage.search(m._prefix(q, "queries"), 10, **kw)
                 r_prefix = pyknn.recall_at_k(m._row_ids[rowsI], gt, 10)
-                rows.append((str(sd), f"{stage}" + (f" ef {a.ef_search}" if kw else ""), dt,
+                setting = "".join(f" {key} {value}" for key, value in kw.items())
+                rows.append((str(sd), stage + setting.replace("ef_search", "ef"), dt,
                              pyknn.recall_at_k(I, gt, 10), qps, m.memory_usage() / n, build,
                              r_prefix))
                 print(f"{stage} {sd} {dt}: recall {rows[-1][3]:.4f} (prefix only {r_prefix:.4f}) "

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "common/aligned.h"
@@ -326,18 +327,31 @@ void exact_knn(const ExactSearchInput& in, const float* q, size_t nq, size_t k, 
 
     // Merge the splits' heaps straight into the output, best first (over the threads: with a
     // large k, e.g. the cells an IVF batch probes, the merge costs as much as the scan).
+    // A selection and a sort of (score, row) pairs, in TopK's order (larger score first, then
+    // the smaller row).
     constexpr size_t kMergeChunk = 32;
     parallel_for((nqb + kMergeChunk - 1) / kMergeChunk, [&](size_t c) {
+      std::vector<std::pair<float, int64_t>> all;
+      const auto better = [](const std::pair<float, int64_t>& a,
+                             const std::pair<float, int64_t>& b) {
+        return TopK::worse(b.first, b.second, a.first, a.second);
+      };
       for (size_t qi = c * kMergeChunk; qi < std::min(nqb, (c + 1) * kMergeChunk); ++qi) {
-        float* os = scores + (qb0 + qi) * k;
-        int64_t* orow = rows + (qb0 + qi) * k;
-        TopK out(os, orow, k);
+        all.clear();
         for (size_t s = 0; s < S; ++s) {
           TopK h = b.heap(s, qi);
-          for (size_t j = 0; j < h.size; ++j) out.push(h.s[j], h.r[j]);
+          for (size_t j = 0; j < h.size; ++j) all.emplace_back(h.s[j], h.r[j]);
         }
-        out.sort_best_first();
-        pad(os, orow, out.size, k);
+        const size_t m = std::min(k, all.size());
+        if (all.size() > m) std::nth_element(all.begin(), all.begin() + m, all.end(), better);
+        std::sort(all.begin(), all.begin() + m, better);
+        float* os = scores + (qb0 + qi) * k;
+        int64_t* orow = rows + (qb0 + qi) * k;
+        for (size_t j = 0; j < m; ++j) {
+          os[j] = all[j].first;
+          orow[j] = all[j].second;
+        }
+        pad(os, orow, m, k);
       }
     });
   }

@@ -304,7 +304,11 @@ float IVFPQIndex::exact_score(const simd::Kernels& K, const float* qv, size_t l,
     v = L.xf.data() + off * dim_;
   } else {
     const uint16_t* h = L.xh.data() + off * dim_;
-    for (size_t j = 0; j < dim_; ++j) tmp[j] = half_to_float(h[j]);
+    if (K.from_half) {
+      K.from_half(h, dim_, tmp);
+    } else {
+      for (size_t j = 0; j < dim_; ++j) tmp[j] = half_to_float(h[j]);
+    }
     v = tmp;
   }
   return metric_ == Metric::L2 ? -K.l2sq(qv, v, dim_) : K.dot(qv, v, dim_);

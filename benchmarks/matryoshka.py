@@ -78,7 +78,10 @@ def main(argv=None):
                 I, qps = timed_search(lambda: m.search(q, 10, **kw)[1])
                 # The first stage alone (no re-ranking): what the prefix gives by itself.
                 _, rowsI = m.first_stage.search(m._prefix(q, "queries"), 10, **kw)
-                r_prefix = pyknn.recall_at_k(m._row_ids[rowsI], gt, 10)
+                rows_now = m._rows
+                pos = m._positions(rows_now, rowsI)
+                r_prefix = pyknn.recall_at_k(
+                    np.where(pos >= 0, rows_now[2][np.maximum(pos, 0)], -1), gt, 10)
                 setting = "".join(f" {key} {value}" for key, value in kw.items())
                 rows.append((str(sd), stage + setting.replace("ef_search", "ef"), dt,
                              pyknn.recall_at_k(I, gt, 10), qps, m.memory_usage() / n, build,

@@ -132,14 +132,22 @@ void many(const float* q, const float* x, size_t n, size_t d, float* out) {
 // (two chains) waits on, and the graph search gets all of a node's neighbours in one call.
 // A last group of fewer than four rows repeats its last row (already in cache) instead of
 // falling back to the two-chain single-row kernel.
-template <bool L2>
-void gather(const float* q, const float* base, const uint32_t* idx, size_t n, size_t d,
-            float* out) {
+// Rows of float32, or (construction of a graph, see load_h) of half-precision bit patterns.
+inline V load_row(const float* p) { return load(p); }
+inline float elem(float v) { return v; }
+#if defined(__F16C__)
+inline V load_h(const uint16_t* p);
+inline V load_row(const uint16_t* p) { return load_h(p); }
+inline float elem(uint16_t v) { return _cvtsh_ss(v); }
+#endif
+
+template <bool L2, class T>
+void gather(const float* q, const T* base, const uint32_t* idx, size_t n, size_t d, float* out) {
   float tail[4];
   for (size_t i = 0; i < n; i += 4) {
     const size_t rows = n - i < 4 ? n - i : 4;
     float* o = rows == 4 ? out + i : tail;
-    const float* x[4];
+    const T* x[4];
     for (size_t r = 0; r < 4; ++r)
       x[r] = base + static_cast<size_t>(idx[i + (r < rows ? r : rows - 1)]) * d;
     V a[4][2];
@@ -150,12 +158,12 @@ void gather(const float* q, const float* base, const uint32_t* idx, size_t n, si
 #pragma GCC unroll 4
       for (int r = 0; r < 4; ++r) {
         if (L2) {
-          const V t0 = q0 - load(x[r] + k), t1 = q1 - load(x[r] + k + W);
+          const V t0 = q0 - load_row(x[r] + k), t1 = q1 - load_row(x[r] + k + W);
           a[r][0] += t0 * t0;
           a[r][1] += t1 * t1;
         } else {
-          a[r][0] += q0 * load(x[r] + k);
-          a[r][1] += q1 * load(x[r] + k + W);
+          a[r][0] += q0 * load_row(x[r] + k);
+          a[r][1] += q1 * load_row(x[r] + k + W);
         }
       }
     }
@@ -164,10 +172,10 @@ void gather(const float* q, const float* base, const uint32_t* idx, size_t n, si
 #pragma GCC unroll 4
       for (int r = 0; r < 4; ++r) {
         if (L2) {
-          const V t0 = q0 - load(x[r] + k);
+          const V t0 = q0 - load_row(x[r] + k);
           a[r][0] += t0 * t0;
         } else {
-          a[r][0] += q0 * load(x[r] + k);
+          a[r][0] += q0 * load_row(x[r] + k);
         }
       }
       k += W;
@@ -175,11 +183,12 @@ void gather(const float* q, const float* base, const uint32_t* idx, size_t n, si
     for (int r = 0; r < 4; ++r) {
       float s = hsum(a[r][0] + a[r][1]);
       for (size_t j = k; j < d; ++j) {
+        const float v = elem(x[r][j]);
         if (L2) {
-          const float t = q[j] - x[r][j];
+          const float t = q[j] - v;
           s += t * t;
         } else {
-          s += q[j] * x[r][j];
+          s += q[j] * v;
         }
       }
       o[r] = s;
@@ -292,58 +301,13 @@ inline V load_h(const uint16_t* p) {
   return r;
 }
 
-template <bool L2>
-void gather_h(const float* q, const uint16_t* base, const uint32_t* idx, size_t n, size_t d,
-              float* out) {
-  float tail[4];
-  for (size_t i = 0; i < n; i += 4) {
-    const size_t rows = n - i < 4 ? n - i : 4;
-    float* o = rows == 4 ? out + i : tail;
-    const uint16_t* x[4];
-    for (size_t r = 0; r < 4; ++r)
-      x[r] = base + static_cast<size_t>(idx[i + (r < rows ? r : rows - 1)]) * d;
-    V a[4][2];
-    for (int r = 0; r < 4; ++r) a[r][0] = a[r][1] = zero();
-    size_t k = 0;
-    for (; k + 2 * W <= d; k += 2 * W) {
-      const V q0 = load(q + k), q1 = load(q + k + W);
-#pragma GCC unroll 4
-      for (int r = 0; r < 4; ++r) {
-        if (L2) {
-          const V t0 = q0 - load_h(x[r] + k), t1 = q1 - load_h(x[r] + k + W);
-          a[r][0] += t0 * t0;
-          a[r][1] += t1 * t1;
-        } else {
-          a[r][0] += q0 * load_h(x[r] + k);
-          a[r][1] += q1 * load_h(x[r] + k + W);
-        }
-      }
-    }
-    for (int r = 0; r < 4; ++r) {
-      float s = hsum(a[r][0] + a[r][1]);
-      for (size_t j = k; j < d; ++j) {
-        const float v = _cvtsh_ss(x[r][j]);
-        if (L2) {
-          const float t = q[j] - v;
-          s += t * t;
-        } else {
-          s += q[j] * v;
-        }
-      }
-      o[r] = s;
-    }
-    if (rows < 4)
-      for (size_t r = 0; r < rows; ++r) out[i + r] = tail[r];
-  }
-}
-
 void dot_gather_h(const float* q, const uint16_t* base, const uint32_t* idx, size_t n, size_t d,
                   float* out) {
-  gather_h<false>(q, base, idx, n, d, out);
+  gather<false>(q, base, idx, n, d, out);
 }
 void l2sq_gather_h(const float* q, const uint16_t* base, const uint32_t* idx, size_t n,
                    size_t d, float* out) {
-  gather_h<true>(q, base, idx, n, d, out);
+  gather<true>(q, base, idx, n, d, out);
 }
 
 // Rounds n floats to half precision (nearest even); returns the largest magnitude seen (inf

@@ -73,6 +73,23 @@ def test_bulk_build_at_any_magnitude(simd_level, scale):
         assert recall(build(x, metric), x, q, metric, ef_search=64) >= 0.95
 
 
+def test_bulk_build_of_data_half_precision_cannot_resolve(simd_level):
+    """Neighbours close relative to their magnitudes (coordinates far from the origin, unit
+    vectors in a narrow cone) are lost on the half-precision grid: the bulk build must notice
+    and keep the float32 rows, so recall matches the scalar level's."""
+    rng = np.random.default_rng(0)
+    g = np.stack([40.5 + 0.4 * rng.random(5100), -74.2 + 0.4 * rng.random(5100)], 1)
+    g = g.astype(np.float32)
+    assert recall(build(g[:5000], "l2"), g[:5000], g[5000:], "l2", ef_search=64) >= 0.95
+    d = 32
+    u = np.ones(d) / np.sqrt(d)
+    p = rng.standard_normal((5100, d))
+    p -= np.outer(p @ u, u)
+    p /= np.linalg.norm(p, axis=1, keepdims=True)
+    x = (u * np.cos(0.01) + p * np.sin(0.01)).astype(np.float32)
+    assert recall(build(x[:5000], "cosine"), x[:5000], x[5000:], "cosine", ef_search=64) >= 0.8
+
+
 def test_recall_grows_with_ef_and_ef_default():
     x = clustered(4000, 32, seed=3)
     q = clustered(300, 32, seed=4)

@@ -158,7 +158,7 @@ constexpr size_t kSmallMaxK = size_t(1) << 16;
 
 void kmeans_assign(const float* x, size_t n, size_t d, const float* centroids, size_t k,
                    bool inner_product, int64_t* labels, float* scores, const float* x_norms) {
-  if (d <= kSmallDim && k <= kSmallMaxK) {
+  if (d <= kSmallDim && k >= 1 && k <= kSmallMaxK) {
     // Small dimension (product-quantizer sub-spaces): scores computed directly, exactly, in
     // chunks of points over the threads.
     const simd::Kernels& K = simd::kernels();

@@ -59,8 +59,8 @@ struct Kernels {
                        size_t d, float* out);
   void (*l2sq_gather_h)(const float* q, const uint16_t* base, const uint32_t* idx, size_t n,
                         size_t d, float* out);
-  // out[i] = x[i] rounded to half precision (nearest even); returns max |x[i]| (inf when any
-  // value is beyond the half range). Null where gather_h is null.
+  // out[i] = x[i] rounded to half precision (nearest even; values beyond the half range become
+  // +-inf); returns max |x[i]| of the float32 input. Null where gather_h is null.
   float (*to_half)(const float* x, size_t n, uint16_t* out);
   // out[i] = x[i] widened to float32. Null where gather_h is null.
   void (*from_half)(const uint16_t* x, size_t n, float* out);

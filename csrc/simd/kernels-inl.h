@@ -310,8 +310,8 @@ void l2sq_gather_h(const float* q, const uint16_t* base, const uint32_t* idx, si
   gather<true>(q, base, idx, n, d, out);
 }
 
-// Rounds n floats to half precision (nearest even); returns the largest magnitude seen (inf
-// if any value overflows the half range).
+// Rounds n floats to half precision (nearest even; beyond the half range: +-inf); returns the
+// largest magnitude of the float32 input.
 float to_half(const float* x, size_t n, uint16_t* out) {
   V m = zero();
   size_t i = 0;

@@ -17,8 +17,10 @@
 // thread pool; with one thread the build is deterministic. Construction is bound by fetching
 // rows from memory, so a bulk add (a quarter or more of the slots, 4,096 slots or more, at
 // levels with F16C) reads half-precision copies of all rows, made for the add and freed after
-// it: 15% faster on 117k x 384 at the same recall. The new node's vector stays float32; data
-// with magnitudes beyond [1/64, 32768] keeps the float32 rows.
+// it: 15% faster on 117k x 384 at the same recall. The new node's vector stays float32. The
+// float32 rows serve instead when magnitudes go beyond [1/64, 32768] or when, for 32 sampled
+// rows, the 10 nearest of all rows differ between half and float32 distances (neighbours close
+// relative to their magnitudes: coordinates far from the origin, tight near-duplicate groups).
 //
 // Metrics: l2 and cosine (unit vectors, distance -<q,x>) as usual. Inner product on vectors of
 // varying norm: the order-preserving transform to L2 with one extra dimension,

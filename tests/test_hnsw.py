@@ -205,6 +205,22 @@ def test_many_exact_duplicates_do_not_trap_the_graph():
     assert sorted(idx.search(dups[0], 3)[1][0].tolist()) == [0, 1, 2]
 
 
+def test_copies_within_one_batch_all_found_with_threads():
+    """Copies of a vector added in one batch by several threads: all are found (concurrently
+    inserted copies that both became graph nodes left one unreachable now and then)."""
+    with thread_count(2):
+        for seed in range(8):
+            rng = np.random.default_rng(seed)
+            base = rng.standard_normal((3000, 16)).astype(np.float32)
+            x = np.concatenate([np.repeat(base[:4], 60, axis=0), base[4:]])
+            x = x[rng.permutation(len(x))]
+            idx = build(x, "l2" if seed % 2 else "cosine")
+            for v in base[:4]:
+                want = np.flatnonzero((x == v).all(1))
+                D, I = idx.search(v, 100, ef_search=200)
+                assert set(want) <= set(I[0].tolist()), seed
+
+
 def test_unnormalised_inner_product_as_good_as_normalised():
     rng = np.random.default_rng(1)
     x = lowdim(5000, seed=21)

@@ -40,7 +40,9 @@
 //
 // Exact duplicates: a new vector equal to a node it finds at level 0 is not linked into the graph
 // (a clique of copies would trap searches); it is chained to that node (its representative)
-// and returned with it, at the same distance. Removing a representative hands its slot to one
+// and returned with it, at the same distance. Copies within one batch are grouped by hash
+// before the insertion (threads inserting two copies at once would not see each other): only
+// the first is inserted, the others join its chain. Removing a representative hands its slot to one
 // of its copies, so the graph node stays.
 //
 // Deletion: remove() marks slots deleted. Deleted graph nodes stay in the graph (traversed, never
@@ -179,6 +181,8 @@ class HNSWIndex : public Index {
   void unlink_reused(const std::vector<uint32_t>& reuse);
   // Half-precision copies of all rows for inserting a batch of n_batch vectors, or null when
   // the float32 rows serve (see the construction notes above).
+  // For each row of a batch, the first row equal to it; empty when all rows differ.
+  std::vector<uint32_t> batch_copies(const float* x, size_t n) const;
   using HalfRows = std::vector<uint16_t, Aligned64Allocator<uint16_t>>;
   HalfRows half_rows(size_t n_batch) const;
   // Marks slots deleted (erasing their ids from the map when erase_ids), keeping dup chains

@@ -740,9 +740,10 @@ def run(data, specs: Optional[Sequence[IndexSpec]] = None, *, k: int = 10,
     Each result has: index, library, family, params (constructor + search setting),
     build_params, search_params, k, recall, ndcg and mrr (at :data:`RANK_CUTOFF`, None without
     judgements), qps, batch_seconds, p50_ms, p99_ms, latency_queries, build_s, bytes_per_vec,
-    memory_note, background_load (share of the CPUs other processes used during the search
-    measurements; the table warns above :data:`BACKGROUND_LOAD_WARNING`), and the run's context: dataset, n, dim, nq, metric, threads, batch_size,
-    simd, pyknn_version, cpu. Missing values are None (JSON null).
+    memory_note, background_load and build_background_load (share of the CPUs other processes
+    used during the search measurements and during the build; the table warns above
+    :data:`BACKGROUND_LOAD_WARNING`), and the run's context: dataset, n, dim, nq, metric,
+    threads, batch_size, simd, pyknn_version, cpu. Missing values are None (JSON null).
     """
     if isinstance(k, bool) or int(k) < 1 or int(repeats) < 1 or int(single_queries) < 0:
         raise ValueError("k and repeats must be at least 1, single_queries at least 0")
@@ -788,21 +789,22 @@ def _run_family(specs, data, k, threads, repeats, single_queries, progress, cont
     falls on all libraries alike rather than on whichever ran at the time."""
     built = []
     for spec in specs:
-        with _step(progress, f"building {spec.name}") as b:
+        with _step(progress, f"building {spec.name}") as b, _BackgroundLoad() as load:
             index = spec.build_index(data, threads)
-        built.append((spec, index, b.seconds, spec.memory(index, data), []))
+        built.append((spec, index, (b.seconds, load.share), spec.memory(index, data), []))
     for i in range(max(len(spec.settings) for spec in specs)):
-        for spec, index, build_s, memory, rows in built:
+        for spec, index, build, memory, rows in built:
             if i < len(spec.settings):
-                rows.append(_measure(spec, index, spec.settings[i], build_s, memory, data, k,
+                rows.append(_measure(spec, index, spec.settings[i], build, memory, data, k,
                                      threads, repeats, single_queries, progress, context))
     results = [row for *_, rows in built for row in rows]
     del built, index
     return results
 
 
-def _measure(spec, index, setting, build_s, memory, data, k, threads, repeats, single_queries,
+def _measure(spec, index, setting, build, memory, data, k, threads, repeats, single_queries,
              progress, context):
+    build_s, build_load = build
     # Show the values "auto" resolved to (e.g. nlist=1024), not "auto".
     build_params = _resolve_params(data, spec.params)
     params = {**build_params, **setting}
@@ -831,6 +833,7 @@ def _measure(spec, index, setting, build_s, memory, data, k, threads, repeats, s
         "bytes_per_vec": None if memory is None else memory / data.n,
         "memory_note": spec.memory_note,
         "background_load": load.share,
+        "build_background_load": build_load,
         **context,
     }
 
@@ -876,13 +879,15 @@ def _memory_notes(results) -> List[str]:
 
 
 def _load_warnings(results) -> List[str]:
-    busy = [r for r in results if (r.get("background_load") or 0) > BACKGROUND_LOAD_WARNING]
-    if not busy:
-        return []
-    worst = max(r["background_load"] for r in busy)
-    return [f"warning: other processes used up to {worst:.0%} of the CPUs while "
-            f"{', '.join(dict.fromkeys(r['index'] for r in busy))} ran; "
-            "their timings are not reliable"]
+    lines = []
+    for key, what in (("background_load", "ran"), ("build_background_load", "were built")):
+        busy = [r for r in results if (r.get(key) or 0) > BACKGROUND_LOAD_WARNING]
+        if busy:
+            worst = max(r[key] for r in busy)
+            lines.append(f"warning: other processes used up to {worst:.0%} of the CPUs while "
+                         f"{', '.join(dict.fromkeys(r['index'] for r in busy))} {what}; "
+                         "their timings are not reliable")
+    return lines
 
 
 def format_table(results: Sequence[dict]) -> str:

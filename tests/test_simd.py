@@ -55,22 +55,30 @@ def test_packed_gemm(level, d, m, n):
     assert np.all(np.abs(got - ref) <= 1e-5 * np.sqrt(d) * scale + 1e-6)
 
 
+def _check_gather(gather, q, xs, idx, d):
+    """gather(l2, idx) against float64 products with the rows xs[idx] (float64), for prefixes of
+    idx of 0, 1, 4, 5 and all rows."""
+    rows = xs[idx]
+    ref_dot = rows @ q.astype(np.float64)
+    ref_l2 = ((rows - q) ** 2).sum(1)
+    scale = (np.abs(rows) @ np.abs(q).astype(np.float64)).max()
+    for m in (0, 1, 4, 5, len(idx)):
+        np.testing.assert_allclose(gather(False, idx[:m]), ref_dot[:m], rtol=0,
+                                   atol=_tol(ref_dot, d, scale))
+        np.testing.assert_allclose(gather(True, idx[:m]), ref_l2[:m], rtol=1e-5 * np.sqrt(d))
+
+
+# Rows by index, in a shuffled order with repeats and a count that is not a multiple of 4.
+GATHER_IDX = np.array([3, 0, 10, 3, 7, 1, 9, 9, 2, 5, 4, 8, 6], dtype=np.uint32)
+
+
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("d", DIMS)
 def test_gather(level, d):
-    # Rows by index, in a shuffled order with repeats and a count that is not a multiple of 4.
     x = _data(11, d, d + 7)
     q = _data(1, d, d + 8)[0]
-    idx = np.array([3, 0, 10, 3, 7, 1, 9, 9, 2, 5, 4, 8, 6], dtype=np.uint32)
-    xs = x[idx].astype(np.float64)
-    ref_dot = xs @ q.astype(np.float64)
-    ref_l2 = ((xs - q) ** 2).sum(1)
-    scale = (np.abs(xs) @ np.abs(q).astype(np.float64)).max()
-    for m in (0, 1, 4, 5, len(idx)):
-        np.testing.assert_allclose(_core._kernel_gather(level, False, q, x, idx[:m]), ref_dot[:m],
-                                   rtol=0, atol=_tol(ref_dot, d, scale))
-        np.testing.assert_allclose(_core._kernel_gather(level, True, q, x, idx[:m]), ref_l2[:m],
-                                   rtol=1e-5 * np.sqrt(d))
+    _check_gather(lambda l2, idx: _core._kernel_gather(level, l2, q, x, idx), q,
+                  x.astype(np.float64), GATHER_IDX, d)
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -80,19 +88,11 @@ def test_gather_half(level, d):
     x = _data(11, d, d + 17)
     q = _data(1, d, d + 18)[0]
     xh = x.astype(np.float16)
-    idx = np.array([3, 0, 10, 3, 7, 1, 9, 9, 2, 5, 4, 8, 6], dtype=np.uint32)
-    if _core._kernel_gather_half(level, False, q, xh.view(np.uint16), idx) is None:
+    if _core._kernel_gather_half(level, False, q, xh.view(np.uint16), GATHER_IDX) is None:
         assert level == "scalar"  # the portable level has no F16C: construction reads float32
         return
-    xs = xh[idx].astype(np.float64)
-    ref_dot = xs @ q.astype(np.float64)
-    ref_l2 = ((xs - q) ** 2).sum(1)
-    scale = (np.abs(xs) @ np.abs(q).astype(np.float64)).max()
-    for m in (0, 1, 4, 5, len(idx)):
-        got = _core._kernel_gather_half(level, False, q, xh.view(np.uint16), idx[:m])
-        np.testing.assert_allclose(got, ref_dot[:m], rtol=0, atol=_tol(ref_dot, d, scale))
-        got = _core._kernel_gather_half(level, True, q, xh.view(np.uint16), idx[:m])
-        np.testing.assert_allclose(got, ref_l2[:m], rtol=1e-5 * np.sqrt(d))
+    _check_gather(lambda l2, idx: _core._kernel_gather_half(level, l2, q, xh.view(np.uint16), idx),
+                  q, xh.astype(np.float64), GATHER_IDX, d)
 
 
 @pytest.mark.parametrize("level", LEVELS)

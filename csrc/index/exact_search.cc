@@ -325,10 +325,9 @@ void exact_knn(const ExactSearchInput& in, const float* q, size_t nq, size_t k, 
     b.heap_sizes.assign(S * nqb, 0);
     parallel_for(S * b.plan.splits_queries, [&](size_t task) { b.run_task(task); });
 
-    // Merge the splits' heaps straight into the output, best first (over the threads: with a
-    // large k, e.g. the cells an IVF batch probes, the merge costs as much as the scan).
-    // A selection and a sort of (score, row) pairs, in TopK's order (larger score first, then
-    // the smaller row).
+    // Merge the splits' heaps into the output, best first, by a selection and a sort of
+    // (score, row) pairs in TopK's order (larger score, then smaller row), over the threads:
+    // with a large k (the cells an IVF batch probes) the merge costs as much as the scan.
     constexpr size_t kMergeChunk = 32;
     parallel_for((nqb + kMergeChunk - 1) / kMergeChunk, [&](size_t c) {
       std::vector<std::pair<float, int64_t>> all;

@@ -148,8 +148,8 @@ struct HNSWIndex::DistTo {
   ManyFn many;      // fn against n contiguous rows
   GatherFn gather;  // fn against the rows of n slots
   // Construction of a large batch: half-precision copies of the rows, read by every distance
-  // to a slot (the new node's own vector q and the pairwise distances of neighbour selection
-  // stay float32). Null: the float32 rows.
+  // to a slot and, widened, by neighbour selection (the query vector q stays float32). Null:
+  // the float32 rows.
   const uint16_t* base_h = nullptr;
   GatherHFn gather_h = nullptr;
   void (*widen)(const uint16_t*, size_t, float*) = nullptr;

@@ -179,10 +179,10 @@ class HNSWIndex : public Index {
 
   // Removes links to the slots in `reuse` (graph slots about to be reused), filling holes.
   void unlink_reused(const std::vector<uint32_t>& reuse);
-  // Half-precision copies of all rows for inserting a batch of n_batch vectors, or null when
-  // the float32 rows serve (see the construction notes above).
   // For each row of a batch, the first row equal to it; empty when all rows differ.
   std::vector<uint32_t> batch_copies(const float* x, size_t n) const;
+  // Half-precision copies of all rows for inserting a batch of n_batch vectors, or empty when
+  // the float32 rows serve (see the construction notes above).
   using HalfRows = std::vector<uint16_t, Aligned64Allocator<uint16_t>>;
   HalfRows half_rows(size_t n_batch) const;
   // Marks slots deleted (erasing their ids from the map when erase_ids), keeping dup chains

@@ -127,12 +127,7 @@ void many(const float* q, const float* x, size_t n, size_t d, float* out) {
   for (; i < n; ++i) out[i] = L2 ? l2sq(q, x + i * d, d) : dot(q, x + i * d, d);
 }
 
-// One query against n rows picked by index (rows base + idx[i] * d), four rows at a time with two
-// accumulators each: eight independent FMA chains hide the FMA latency that a row-by-row loop
-// (two chains) waits on, and the graph search gets all of a node's neighbours in one call.
-// A last group of fewer than four rows repeats its last row (already in cache) instead of
-// falling back to the two-chain single-row kernel.
-// Rows of float32, or (construction of a graph, see load_h) of half-precision bit patterns.
+// A row's vector register and element as float32, from float32 or half-precision rows.
 inline V load_row(const float* p) { return load(p); }
 inline float elem(float v) { return v; }
 #if defined(__F16C__)
@@ -141,6 +136,12 @@ inline V load_row(const uint16_t* p) { return load_h(p); }
 inline float elem(uint16_t v) { return _cvtsh_ss(v); }
 #endif
 
+// One query against n rows picked by index (rows base + idx[i] * d), four rows at a time with two
+// accumulators each: eight independent FMA chains hide the FMA latency that a row-by-row loop
+// (two chains) waits on, and the graph search gets all of a node's neighbours in one call.
+// A last group of fewer than four rows repeats its last row (already in cache) instead of
+// falling back to the two-chain single-row kernel. Rows are float32 or (graph construction, see
+// load_h) half-precision bit patterns.
 template <bool L2, class T>
 void gather(const float* q, const T* base, const uint32_t* idx, size_t n, size_t d, float* out) {
   float tail[4];

@@ -43,6 +43,21 @@ def test_dot_and_l2_many(level, d):
 
 
 @pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("d", DIMS)
+def test_many_scores_independent_of_call_size(level, d):
+    # Small calls take four rows at a time, large ones stream row by row: a row's score must be
+    # bitwise the same either way, and the same as the one-pair kernel's.
+    x = _data(8, d, d + 2)
+    q = _data(1, d, d + 3)[0]
+    big = np.tile(x, (4096 // d + 2, 1))  # at least 4096 floats: the streaming path
+    for many, one in ((_core._kernel_dot_many, _core._kernel_dot),
+                      (_core._kernel_l2sq_many, _core._kernel_l2sq)):
+        small = np.concatenate([many(level, q, x[:4]), many(level, q, x[4:])])
+        np.testing.assert_array_equal(many(level, q, big)[:8], small)
+        np.testing.assert_array_equal(small, [one(level, q, row) for row in x])
+
+
+@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("d", [1, 3, 16, 17, 65, 384])
 @pytest.mark.parametrize("m,n", [(1, 1), (5, 33), (13, 70), (25, 129)])
 def test_packed_gemm(level, d, m, n):

@@ -23,6 +23,8 @@ MAX_RESULTS = 1 << 28
 
 def check_positive_int(value, name, minimum=1, maximum=(1 << 63) - 1):
     """Return value as an int in [minimum, maximum]; TypeError for non-integers (bool included)."""
+    if type(value) is int and minimum <= value <= maximum:  # the common case, without ABC checks
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
@@ -62,6 +64,8 @@ def as_matrix(x, dim, what="vectors"):
         raise ValueError(f"{what} must be a 1-D vector or a 2-D (n, dim) array, got shape {a.shape}")
     if a.shape[1] != dim:
         raise ValueError(f"{what}: expected dim {dim}, got {a.shape[1]}")
+    if a.dtype == np.float32 and a.flags.c_contiguous:
+        return a
     # Values beyond float32's range become Inf, which the core then rejects naming the row.
     with np.errstate(over="ignore"):
         return np.ascontiguousarray(a, dtype=np.float32)

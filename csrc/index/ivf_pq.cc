@@ -49,10 +49,12 @@ QuantTable quantise_table(const float* t, size_t M, uint8_t* out) {
   float delta = std::max(max_range / 255.f, static_cast<float>(sum_range / 65535.0));
   if (!(delta > 0.f)) delta = 1.f;
   const float inv = 1.f / delta;
+  // Round half up by truncation (the values are >= 0): std::nearbyint is a library call per entry
+  // at the baseline instruction set (a tenth of a 4-bit search at nprobe 4); this loop vectorises.
   for (size_t m = 0; m < M; ++m)
     for (size_t j = 0; j < 16; ++j) {
-      const float v = std::nearbyint((t[m * 16 + j] - mins[m]) * inv);
-      out[m * 16 + j] = static_cast<uint8_t>(std::min(255.f, std::max(0.f, v)));
+      const float v = (t[m * 16 + j] - mins[m]) * inv + 0.5f;
+      out[m * 16 + j] = static_cast<uint8_t>(static_cast<int>(std::min(255.f, std::max(0.f, v))));
     }
   qt.delta = delta;
   qt.offset = static_cast<float>(sum_min);

@@ -527,3 +527,16 @@ def test_search_in_forked_children():
         result = pool.map_async(_fork_search, [(idx, x[:100]), (idx, x[:100])])
         for got in result.get(timeout=60):
             np.testing.assert_array_equal(got, expected)
+
+
+def test_cosine_normalises_subnormal_vectors():
+    # 1 / norm of a row of magnitude 1e-40 overflows float32: the stored rows must still be unit.
+    x = (np.random.default_rng(0).standard_normal((50, 16)) * 1e-40).astype(np.float32)
+    idx = pyknn.FlatIndex(16, "cosine")
+    idx.add(x)
+    np.testing.assert_allclose(np.linalg.norm(idx.get(np.arange(50)), axis=1), 1.0, rtol=1e-3)
+    D, I = idx.search(x[:3], 2)
+    assert np.isfinite(D).all() and I[:, 0].tolist() == [0, 1, 2]
+    # Spherical k-means (the coarse quantizer of "ip" IVF indexes) on the same rows.
+    km = pyknn.KMeans(2, spherical=True).fit(np.tile(x, (4, 1)))
+    np.testing.assert_allclose(np.linalg.norm(km.centroids, axis=1), 1.0, rtol=1e-3)

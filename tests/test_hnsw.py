@@ -678,3 +678,14 @@ def test_input_policy():
     np.testing.assert_array_equal(idx2.search(np.asfortranarray(y[:5].astype(np.float64)), 3)[1],
                                   idx2.search(y[:5].astype(np.float16).astype(np.float32), 3)[1])
     assert "HNSWIndex(dim=16, M=16" in repr(idx2)
+
+
+def test_result_limit_applies_to_float32_queries():
+    # The float32 fast path must check the (queries x k) result limit like every other call.
+    idx = pyknn.HNSWIndex(4)
+    idx.add(np.eye(4, dtype=np.float32))
+    q = np.ones((300, 4), np.float32)
+    with pytest.raises(ValueError, match="results, more than"):
+        idx.search(q, 1 << 20)
+    with pytest.raises(ValueError, match="results, more than"):
+        idx.search(q.astype(np.float64), 1 << 20)

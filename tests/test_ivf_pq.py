@@ -423,3 +423,17 @@ def test_concurrent_searches_and_adds():
         t.join()
     assert not errors, errors
     assert len(idx) == 4000 - 12
+
+
+def test_fast_scan_sums_never_overflow_uint16():
+    # 512 sub-quantizers whose table entries all round up: the quantised sums must still fit in
+    # 16 bits, or the best vector's sum wraps around to a small one and is lost.
+    rng = np.random.default_rng(0)
+    d = 512
+    x = rng.integers(0, 16, (2000, d)).astype(np.float32)
+    x[0] = 15.0  # the best inner product with the all-ones query: 7680
+    idx = pyknn.IVFPQIndex(d, nlist=1, pq_m=d, nbits=4, metric="ip", by_residual=False)
+    idx.train(x)
+    idx.add(x)
+    D, I = idx.search(np.ones(d, np.float32), 5, nprobe=1)
+    assert I[0, 0] == 0 and D[0, 0] == pytest.approx(7680, rel=1e-4)

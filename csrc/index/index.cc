@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <unordered_set>
 
@@ -82,7 +83,7 @@ void check_finite_loaded(const float* x, size_t n, size_t d, const char* what) {
 
 void normalize_rows(const float* x, size_t n, size_t d, float* out, const char* what) {
   // Check every row first so that a failure leaves `out` untouched.
-  std::vector<float> inv(n);
+  std::vector<double> inv(n);
   for (size_t i = 0; i < n; ++i) {
     const float* row = x + i * d;
     double ss = 0.0;
@@ -90,10 +91,18 @@ void normalize_rows(const float* x, size_t n, size_t d, float* out, const char* 
     if (!(ss > 0.0))
       throw_value(std::string(what) + " row " + std::to_string(i) +
                   " is a zero vector, which has no direction under the cosine metric");
-    inv[i] = static_cast<float>(1.0 / std::sqrt(ss));
+    inv[i] = 1.0 / std::sqrt(ss);
   }
-  for (size_t i = 0; i < n; ++i)
-    for (size_t j = 0; j < d; ++j) out[i * d + j] = x[i * d + j] * inv[i];
+  for (size_t i = 0; i < n; ++i) scale_row(x + i * d, d, inv[i], out + i * d);
+}
+
+void scale_row(const float* x, size_t d, double s, float* out) {
+  if (s <= static_cast<double>(std::numeric_limits<float>::max())) {
+    const float f = static_cast<float>(s);
+    for (size_t j = 0; j < d; ++j) out[j] = x[j] * f;
+  } else {  // tiny (subnormal) rows: 1 / norm overflows float32
+    for (size_t j = 0; j < d; ++j) out[j] = static_cast<float>(static_cast<double>(x[j]) * s);
+  }
 }
 
 // ---- IdMap ----------------------------------------------------------------------------------

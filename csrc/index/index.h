@@ -28,6 +28,8 @@ void check_finite(const float* x, size_t n, size_t d, const char* what);
 void check_finite_loaded(const float* x, size_t n, size_t d, const char* what);
 // out[i] = x[i] / ||x[i]|| (out may equal x); throws ValueError naming the first zero row.
 void normalize_rows(const float* x, size_t n, size_t d, float* out, const char* what);
+// out = x * s (out may be x), in double where s is beyond float32's range (subnormal rows).
+void scale_row(const float* x, size_t d, double s, float* out);
 
 // Optional restriction of a search: an allow-list of user ids, or a mask over the stored rows.
 struct Filter {

@@ -46,7 +46,10 @@ QuantTable quantise_table(const float* t, size_t M, uint8_t* out) {
     sum_range += hi - lo;
     sum_min += lo;
   }
-  float delta = std::max(max_range / 255.f, static_cast<float>(sum_range / 65535.0));
+  // Each entry rounds to at most range / delta + 0.5, so the sum of the M largest is at most
+  // sum_range / delta + M / 2: keep that within 65535 (M <= 4096, so the divisor stays positive).
+  float delta = std::max(max_range / 255.f,
+                         static_cast<float>(sum_range / (65535.0 - 0.5 * static_cast<double>(M))));
   if (!(delta > 0.f)) delta = 1.f;
   const float inv = 1.f / delta;
   // Round half up by truncation (the values are >= 0): std::nearbyint is a library call per entry

@@ -25,10 +25,7 @@ constexpr float kSplitEps = 1.0f / 1024.0f;
 void normalize_centroid(float* c, size_t d) {
   double ss = 0.0;
   for (size_t j = 0; j < d; ++j) ss += static_cast<double>(c[j]) * c[j];
-  if (ss > 0.0) {
-    const float inv = static_cast<float>(1.0 / std::sqrt(ss));
-    for (size_t j = 0; j < d; ++j) c[j] *= inv;
-  }
+  if (ss > 0.0) scale_row(c, d, 1.0 / std::sqrt(ss), c);
 }
 
 void copy_rows(const float* x, size_t d, const std::vector<int64_t>& rows, float* out) {

@@ -84,18 +84,11 @@ float l2sq(const float* a, const float* b, size_t d) {
 // row's score does not depend on the path or on its position in the call.
 constexpr size_t kStreamFloats = 4096;  // 16 KB: a call this large is not expected in L1
 
-template <bool L2>
-inline V term(V a, V b) {
+// One dimension's contribution, for a vector register or a float.
+template <bool L2, class T>
+inline T term(T a, T b) {
   if (L2) {
-    const V t = a - b;
-    return t * t;
-  }
-  return a * b;
-}
-template <bool L2>
-inline float term(float a, float b) {
-  if (L2) {
-    const float t = a - b;
+    const T t = a - b;
     return t * t;
   }
   return a * b;

@@ -64,8 +64,8 @@ def as_matrix(x, dim, what="vectors"):
         raise ValueError(f"{what} must be a 1-D vector or a 2-D (n, dim) array, got shape {a.shape}")
     if a.shape[1] != dim:
         raise ValueError(f"{what}: expected dim {dim}, got {a.shape[1]}")
-    if a.dtype == np.float32 and a.flags.c_contiguous:
-        return a
+    if type(a) is np.ndarray and a.dtype == np.float32 and a.flags.c_contiguous:
+        return a  # nothing to convert (subclasses such as np.matrix still become ndarrays)
     # Values beyond float32's range become Inf, which the core then rejects naming the row.
     with np.errstate(over="ignore"):
         return np.ascontiguousarray(a, dtype=np.float32)

@@ -6,8 +6,8 @@ import threading
 import numpy as np
 
 from . import _core
-from ._validation import (MAX_RESULTS, as_filter, as_ids, as_matrix, check_dim, check_k,
-                          check_metric, check_positive_int, is_scalar_id)
+from ._validation import (as_filter, as_ids, as_matrix, check_dim, check_k, check_metric,
+                          check_positive_int, is_scalar_id)
 from ._guard import Guarded, new_metadata
 from ._guard import inner as _inner
 
@@ -401,8 +401,8 @@ class HNSWIndex(_Index):
             core = self._core
             if q.ndim == 1:
                 q = q.reshape(1, -1)
-            if (q.ndim == 2 and q.shape[1] == core.dim and q.flags.c_contiguous
-                    and q.shape[0] * k <= MAX_RESULTS):
+            if q.ndim == 2 and q.shape[1] == core.dim and q.flags.c_contiguous:
+                k = check_k(k, q.shape[0])  # the (queries x k) result limit
                 ef = self._metadata.get("ef_search", 64) if ef_search is None else ef_search
                 return core.search(q, k, ef, None, None)
         q = as_matrix(q, self.dim, "queries")

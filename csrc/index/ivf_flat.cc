@@ -297,7 +297,8 @@ void IVFFlatIndex::search(const float* q, size_t nq, size_t k, size_t nprobe, co
     double total = 0.0;
     for (size_t l = 0; l < nlist_; ++l)
       total += static_cast<double>(qstart[l + 1] - qstart[l]) * lists_[l].ids.size();
-    // total counts vectors scanned; kMinSplitWork is in multiply-adds.
+    // total counts vectors scanned (times dim_: multiply-adds); split only when two threads
+    // would each get at least kMinSplitWork.
     const size_t workers = total * dim_ < kMinSplitWork * 2 ? 1 : threads;
     std::vector<size_t> lbegin(workers + 1, nlist_);
     lbegin[0] = 0;
